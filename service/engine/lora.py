@@ -1,0 +1,148 @@
+"""Multi-LoRA math for one wrapped linear: stacked per-slot A/B tensors, one slot id per batch row.
+The model walking and slot loading live in `lora_model.py`; engines set the slot ids per forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass
+class SlotState:
+    """Per-forward-pass routing shared by every wrapped linear of one model.
+
+    Computed once per forward (in `LoraSlots.use`) so the ~40 wrapped linears do not each
+    re-inspect the slot ids (and sync) on the hot path.
+    """
+
+    slot_ids: Tensor | None = None  # LongTensor [rows]; rows = x.shape[0] of every wrapped input
+    active: bool = False  # False when every row is slot 0: skip all LoRA work
+    uniform_slot: int | None = None  # set when every row uses the same adapter slot (> 0)
+
+    def set(self, slot_ids: Tensor | None) -> None:
+        if slot_ids is None:
+            self.slot_ids, self.active, self.uniform_slot = None, False, None
+            return
+        slot_ids = slot_ids.to(dtype=torch.long)
+        distinct = torch.unique(slot_ids).tolist()  # one host sync per forward pass, not per linear
+        self.slot_ids = slot_ids
+        self.active = any(s != 0 for s in distinct)
+        self.uniform_slot = distinct[0] if len(distinct) == 1 and distinct[0] != 0 else None
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D (weight [in, out])."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.nf
+    raise TypeError(f"cannot wrap {type(base).__name__}: only nn.Linear and Conv1D are supported")
+
+
+def lora_delta_reference(x: Tensor, slot_ids: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+    """Plain per-row loop; the oracle for the fast paths (slow, obviously right)."""
+    rows = [x[i] @ lora_A[s] @ lora_B[s] for i, s in enumerate(slot_ids.tolist())]
+    return torch.stack(rows)
+
+
+def _add_lora_uniform(y: Tensor, x: Tensor, slot: int, lora_A: Tensor, lora_B: Tensor) -> None:
+    """Every row uses one adapter: two plain GEMMs on the flattened rows, no gather."""
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    y2.addmm_(x2 @ lora_A[slot], lora_B[slot])
+
+
+def _add_lora_gathered_bmm(y: Tensor, x: Tensor, slot_ids: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
+    """Mixed adapters: gather each row's A/B, then bmm + in-place baddbmm_ (fastest CPU path measured,
+    see benchmarks/README.md). 2-D inputs ([N, in], one slot per row) become N sequences of length 1."""
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    y3 = y if y.dim() == 3 else y.unsqueeze(1)
+    xa = torch.bmm(x3, lora_A.index_select(0, slot_ids))
+    y3.baddbmm_(xa, lora_B.index_select(0, slot_ids))
+
+
+def _add_lora_cuda(y: Tensor, x: Tensor, slot_ids: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
+    """GPU path. Today the same gathered bmm (works, CUDA-graph friendly: no host sync, fixed shapes).
+    The place for a faster kernel: rows sorted by slot + `torch._grouped_mm`, or a fused Triton
+    shrink/expand (Punica SGMV). Untested and unmeasured here: no GPU was available when this was written."""
+    _add_lora_gathered_bmm(y, x, slot_ids, lora_A, lora_B)
+
+
+# Mixed-batch LoRA kernels by device type; add a device here rather than branching in forward().
+MIXED_PATHS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]] = {
+    "cpu": _add_lora_gathered_bmm,
+    "cuda": _add_lora_cuda,
+}
+
+
+class MultiLoraLinear(nn.Module):
+    """y = base(x) + (x A[s]) B[s] with s the row's slot; the LoRA scale is folded into B at load time.
+
+    The base module is kept as is (shared weights, no copy). lora_A [S, in, r_max] and lora_B
+    [S, r_max, out] are non-persistent buffers: they follow `.to(device)` but stay out of state_dict.
+    Slot 0 is all zeros and means "no adapter".
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        state: SlotState,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base_features(base)
+        self.base = base
+        self.state = state
+        self.num_slots, self.max_rank = num_slots, max_rank
+        weight = base.weight
+        dtype = dtype or weight.dtype
+        self.register_buffer(
+            "lora_A",
+            torch.zeros(num_slots, self.in_features, max_rank, dtype=dtype, device=weight.device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lora_B",
+            torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=weight.device),
+            persistent=False,
+        )
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, A: Tensor, B: Tensor, scale: float) -> None:
+        """Copy PEFT-layout weights (A [r, in], B [out, r]) into `slot`, zero-padding to r_max.
+        Shapes are checked by the caller (`LoraSlots.load`) before any slot is touched."""
+        r = A.shape[0]
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.lora_A[slot, :, :r].copy_(A.t())
+        self.lora_B[slot, :r, :].copy_(B.t() * scale)  # scale in fp32 before the cast to the stack dtype
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        state = self.state
+        if not state.active:
+            return y
+        slot_ids = state.slot_ids
+        if slot_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"{slot_ids.shape[0]} slot ids for an input of {x.shape[0]} rows")
+        if state.uniform_slot is not None:
+            _add_lora_uniform(y, x, state.uniform_slot, self.lora_A, self.lora_B)
+        else:
+            MIXED_PATHS.get(x.device.type, _add_lora_gathered_bmm)(y, x, slot_ids, self.lora_A, self.lora_B)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, slots={self.num_slots}, r_max={self.max_rank}"
+        )

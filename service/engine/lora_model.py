@@ -1,0 +1,139 @@
+"""Walk a Hugging Face model and wrap its target linears in MultiLoraLinear once, at startup.
+`LoraSlots` then loads/clears an adapter across all of them and routes each forward's rows to slots.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from service.engine.lora import MultiLoraLinear, SlotState
+
+# A path component that is a number means "inside a repeated block list" (encoder.layer.3,
+# model.layers.3, transformer.h.3): the default targets are every linear there, never the heads.
+_IN_BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def matches_target(path: str, targets: str | Sequence[str] | None) -> bool:
+    """PEFT-style matching: a list matches a path exactly or as a suffix after '.'; a single string
+    is, like in PEFT, a regex that must match the whole path (plain names also match as suffixes)."""
+    if targets is None:
+        return bool(_IN_BLOCK.search(path))
+    if isinstance(targets, str):
+        if re.fullmatch(targets, path):
+            return True
+        targets = [targets]
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+class LoraSlots:
+    """Slot bookkeeping for one model: which wrapped linears exist and what each slot holds.
+
+    One forward pass at a time per model (`use` sets state shared by all wrapped linears);
+    loading into a slot that no running batch uses is safe while another forward runs.
+    """
+
+    def __init__(self, modules: dict[str, MultiLoraLinear], state: SlotState, num_slots: int, max_rank: int):
+        self.modules = modules
+        self.state = state
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+
+    @contextmanager
+    def use(self, slot_ids: Tensor) -> Iterator[None]:
+        """Route row i of every wrapped input to slot slot_ids[i] for the duration of the block."""
+        device = next(iter(self.modules.values())).lora_A.device if self.modules else None
+        slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=device)
+        if slot_ids.numel() and (int(slot_ids.min()) < 0 or int(slot_ids.max()) >= self.num_slots):
+            raise ValueError(f"slot ids must be in [0, {self.num_slots}), got {slot_ids.tolist()}")
+        self.state.set(slot_ids)
+        try:
+            yield
+        finally:
+            self.state.set(None)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot < self.num_slots:
+            raise ValueError(
+                f"slot must be in [1, {self.num_slots - 1}] (slot 0 is the base model), got {slot}"
+            )
+
+    def load(self, slot: int, lora: dict[str, tuple[Tensor, Tensor]], scale: float) -> None:
+        """Copy an adapter (module path -> (A [r, in], B [out, r]), PEFT layout) into `slot`.
+
+        Everything is validated before anything is written, so a refused adapter leaves the slot as it
+        was. Wrapped modules the adapter does not target are zeroed: a reload replaces the slot fully.
+        """
+        self._check_slot(slot)
+        for path, (A, B) in lora.items():
+            module = self.modules.get(path)
+            if module is None:
+                raise ValueError(
+                    f"adapter targets {path!r}, which is not a wrapped LoRA module of this model"
+                )
+            r = A.shape[0]
+            if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+                raise ValueError(
+                    f"{path}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, in] and [out, r]"
+                )
+            if r > self.max_rank:
+                raise ValueError(f"{path}: rank {r} exceeds max_rank {self.max_rank}")
+            if A.shape[1] != module.in_features or B.shape[0] != module.out_features:
+                raise ValueError(
+                    f"{path}: expected A [r, {module.in_features}] and B [{module.out_features}, r], "
+                    f"got {tuple(A.shape)} and {tuple(B.shape)}"
+                )
+        for path, module in self.modules.items():
+            if path in lora:
+                A, B = lora[path]
+                module.load_slot(slot, A.float(), B.float(), scale)
+            else:
+                module.clear_slot(slot)
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for module in self.modules.values():
+            module.clear_slot(slot)
+
+
+def inject_multi_lora(
+    model: nn.Module,
+    targets: str | Sequence[str] | None,
+    num_slots: int,
+    max_rank: int,
+    dtype: torch.dtype | None = None,
+) -> LoraSlots:
+    """Wrap every Linear/Conv1D whose path matches `targets` (None: every linear inside the repeated
+    transformer blocks) in a MultiLoraLinear, in place, exactly once. Returns the slots handle.
+
+    `LoraSlots.modules` is keyed by the original module path (`bert.encoder.layer.0.attention.self.query`),
+    the same path adapters use; the base weights move to `<path>.base` in the model's state_dict, so take
+    fingerprints before injecting.
+    """
+    if num_slots < 1 or max_rank < 1:
+        raise ValueError("num_slots and max_rank must be >= 1")
+    if any(isinstance(m, MultiLoraLinear) for m in model.modules()):
+        raise ValueError("model already has MultiLoraLinear modules; inject_multi_lora runs once per model")
+    chosen = [
+        (path, m) for path, m in model.named_modules() if _is_linear(m) and matches_target(path, targets)
+    ]
+    if not chosen:
+        raise ValueError(f"no Linear/Conv1D module of the model matches targets {targets!r}")
+    state = SlotState()
+    modules: dict[str, MultiLoraLinear] = {}
+    for path, base in chosen:
+        wrapped = MultiLoraLinear(base, state, num_slots, max_rank, dtype)
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, wrapped)
+        modules[path] = wrapped
+    return LoraSlots(modules, state, num_slots, max_rank)

@@ -1,0 +1,204 @@
+"""Tests for service/engine/lora.py and lora_model.py: the multi-LoRA math against a per-row reference
+and against PEFT on tiny GPT-2 (Conv1D), Llama and BERT models built in-process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from service.engine.lora import MultiLoraLinear, SlotState, lora_delta_reference
+from service.engine.lora_model import inject_multi_lora, matches_target
+
+torch.manual_seed(0)
+
+
+def _random_slots(module: MultiLoraLinear, ranks: dict[int, int]) -> None:
+    for slot, r in ranks.items():
+        module.load_slot(slot, torch.randn(r, module.in_features), torch.randn(module.out_features, r), 0.5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("shape", [(5, 7), (5,)])  # [B, T, in] and [N, in]
+@pytest.mark.parametrize("slot_ids", [[0, 1, 2, 1, 3], [2, 2, 2, 2, 2], [0, 0, 0, 0, 0]])
+def test_multi_lora_linear_matches_reference(kind: str, shape: tuple[int, ...], slot_ids: list[int]) -> None:
+    base = nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)
+    nn.init.normal_(base.bias)
+    state = SlotState()
+    layer = MultiLoraLinear(base, state, num_slots=4, max_rank=6)
+    _random_slots(layer, {1: 2, 2: 6, 3: 4})
+    x = torch.randn(*shape, 12)
+    ids = torch.tensor(slot_ids)
+    state.set(ids)
+    with torch.no_grad():
+        got = layer(x)
+        want = base(x) + lora_delta_reference(x, ids, layer.lora_A, layer.lora_B)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if not any(slot_ids):
+        assert torch.equal(got, base(x))  # skipped entirely, bit-exact
+
+
+def test_load_folds_scale_and_pads_rank() -> None:
+    layer = MultiLoraLinear(nn.Linear(8, 6), SlotState(), num_slots=2, max_rank=4)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    layer.load_slot(1, A, B, 2.0)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(x @ layer.lora_A[1] @ layer.lora_B[1], 2.0 * (x @ A.t() @ B.t()))
+    assert not layer.lora_A[1, :, 2:].any() and not layer.lora_B[1, 2:].any()
+    assert not layer.lora_A[0].any() and not layer.lora_B[0].any()
+
+
+def test_matches_target_peft_style() -> None:
+    p = "bert.encoder.layer.0.attention.output.dense"
+    assert matches_target(p, ["attention.output.dense"])
+    assert matches_target(p, ["dense"])
+    assert not matches_target(p, ["output"])
+    assert not matches_target(p, ["layer.0.attention"])
+    assert matches_target(p, r".*\.attention\.output\.dense")  # a single string is a full-match regex
+    assert matches_target(p, None)  # default: inside a repeated block
+    assert not matches_target("bert.pooler.dense", None)
+    assert not matches_target("classifier", None)
+
+
+def _tiny_bert() -> BertModel:
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    return BertModel(cfg).eval()
+
+
+def test_inject_default_targets_bert_and_state_dict() -> None:
+    model = _tiny_bert()
+    slots = inject_multi_lora(model, None, num_slots=3, max_rank=4)
+    # 6 linears per layer: query, key, value, attention.output.dense, intermediate.dense, output.dense
+    assert len(slots.modules) == 12
+    assert "encoder.layer.1.output.dense" in slots.modules
+    assert "pooler.dense" not in slots.modules
+    # stacks are buffers outside the state dict; base weights are shared, not copied
+    assert not any("lora_" in k for k in model.state_dict())
+    with pytest.raises(ValueError, match="once"):
+        inject_multi_lora(model, None, num_slots=3, max_rank=4)
+
+
+def test_load_validation_and_reload_smaller_rank() -> None:
+    model = _tiny_bert()
+    slots = inject_multi_lora(model, ["query", "value"], num_slots=3, max_rank=4)
+    q = "encoder.layer.0.attention.self.query"
+    with pytest.raises(ValueError, match="not a wrapped"):
+        slots.load(1, {"encoder.layer.0.attention.self.key": (torch.randn(2, 32), torch.randn(32, 2))}, 1.0)
+    with pytest.raises(ValueError, match="max_rank"):
+        slots.load(1, {q: (torch.randn(5, 32), torch.randn(32, 5))}, 1.0)
+    with pytest.raises(ValueError, match="expected"):
+        slots.load(1, {q: (torch.randn(2, 31), torch.randn(32, 2))}, 1.0)
+    with pytest.raises(ValueError, match="slot 0"):
+        slots.load(0, {q: (torch.randn(2, 32), torch.randn(32, 2))}, 1.0)
+    full = {p: (torch.randn(4, 32), torch.randn(32, 4)) for p in slots.modules}
+    slots.load(1, full, 1.0)
+    small = {q: (torch.randn(2, 32), torch.randn(32, 2))}
+    slots.load(1, small, 1.0)
+    fresh = inject_multi_lora(_tiny_bert(), ["query", "value"], num_slots=3, max_rank=4)
+    fresh.load(1, small, 1.0)
+    for p, m in slots.modules.items():  # identical to a slot that only ever saw the small adapter
+        assert torch.equal(m.lora_A[1], fresh.modules[p].lora_A[1])
+        assert torch.equal(m.lora_B[1], fresh.modules[p].lora_B[1])
+    slots.clear(1)
+    assert not any(m.lora_A[1].any() or m.lora_B[1].any() for m in slots.modules.values())
+
+
+def _randomise_lora_b(peft_model: nn.Module) -> None:
+    # PEFT initialises B to zero, which would make every adapter a no-op.
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+
+
+def _peft_lora(peft_model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path -> (A [r, in], B [out, r]) as adapters.format will read them from the saved folder."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, p in peft_model.named_parameters():
+        if ".lora_A.default.weight" in name or ".lora_B.default.weight" in name:
+            path = name.removeprefix("base_model.model.").split(".lora_")[0]
+            out.setdefault(path, [None, None])["lora_B" in name] = p.detach().clone()
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _tiny_gpt2() -> nn.Module:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+
+
+def _tiny_llama() -> nn.Module:
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "make, adapter_targets",
+    [
+        (_tiny_gpt2, [["c_attn"], ["c_attn", "c_proj", "c_fc"], ["mlp.c_proj"]]),
+        (
+            _tiny_llama,
+            [
+                ["q_proj", "v_proj"],
+                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                ["down_proj"],
+            ],
+        ),
+        (_tiny_bert, [["query", "value"], ["query", "key", "value", "output.dense"], ["intermediate.dense"]]),
+    ],
+)
+def test_mixed_batch_matches_peft_per_row(make, adapter_targets) -> None:
+    torch.manual_seed(1)
+    base = make()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    ranks = [2, 8, 4]
+    adapters = []
+    for targets, r in zip(adapter_targets, ranks, strict=True):
+        fresh = make()
+        fresh.load_state_dict(state)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=targets, lora_dropout=0.0)
+        peft_model = get_peft_model(fresh, cfg).eval()
+        _randomise_lora_b(peft_model)
+        adapters.append((peft_model, _peft_lora(peft_model), cfg.lora_alpha / r))
+
+    slots = inject_multi_lora(base, None, num_slots=len(adapters) + 1, max_rank=8)
+    for i, (_, lora, scale) in enumerate(adapters, start=1):
+        slots.load(i, lora, scale)
+
+    ids = torch.randint(1, 100, (7, 9))
+    slot_ids = torch.tensor([0, 1, 2, 3, 1, 0, 3])
+    with torch.no_grad(), slots.use(slot_ids):
+        got = base(input_ids=ids)
+    got = got.logits if hasattr(got, "logits") else got.last_hidden_state
+    with torch.no_grad():
+        for row, slot in enumerate(slot_ids.tolist()):
+            if slot == 0:
+                ref_model = make()
+                ref_model.load_state_dict(state)
+                want = ref_model(input_ids=ids[row : row + 1])
+            else:
+                want = adapters[slot - 1][0](input_ids=ids[row : row + 1])
+            want = want.logits if hasattr(want, "logits") else want.last_hidden_state
+            torch.testing.assert_close(got[row : row + 1], want, atol=1e-4, rtol=1e-4)
+
+
+def test_use_rejects_bad_slot_ids_and_resets_state() -> None:
+    slots = inject_multi_lora(_tiny_bert(), None, num_slots=3, max_rank=4)
+    with pytest.raises(ValueError, match="slot ids"):
+        with slots.use(torch.tensor([0, 3])):
+            pass
+    with slots.use(torch.tensor([1, 2])):
+        assert slots.state.active
+    assert not slots.state.active and slots.state.slot_ids is None
