@@ -1,0 +1,84 @@
+"""POST /v1/classify: each request names its adapter; the batcher mixes adapters in one forward."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from service.api.errors import APIError
+from service.engine.batcher import QueueFullError
+
+router = APIRouter(tags=["classify"])
+
+
+class ClassifyRequest(BaseModel):
+    adapter: str = Field(..., description="adapter `name`, `name@version`, `name@alias`, or the base model id",
+                         examples=["sentiment"])
+    inputs: str | list[str] = Field(..., description="one text or a list of texts")
+    top_k: int = Field(1, ge=1, description="how many labels to return in `top` (all are in `scores`)")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    score: float
+    scores: dict[str, float]
+    top: list[LabelScore]
+
+
+class ClassifyUsage(BaseModel):
+    inputs: int
+    characters: int
+
+
+class ClassifyResponse(BaseModel):
+    adapter: str
+    version: int | None
+    results: list[ClassifyResult]
+    usage: ClassifyUsage
+
+
+def _check_limits(texts: list[str], settings) -> None:
+    if not texts:
+        raise APIError(400, "inputs must not be empty", param="inputs")
+    if len(texts) > settings.max_inputs:
+        raise APIError(413, f"too many inputs: {len(texts)} > {settings.max_inputs}", param="inputs")
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_input_chars:
+            raise APIError(413, f"inputs[{i}] has {len(text)} characters > {settings.max_input_chars}",
+                           param="inputs")
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse)
+async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    ctx = request.app.state.ctx
+    if ctx.batcher is None:
+        raise APIError(404, "this server has no classification base model", code="task_unavailable")
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    _check_limits(texts, ctx.settings)
+    started = time.perf_counter()
+    async with ctx.managers["classification"].lease(body.adapter) as lease:
+        try:
+            logits = await ctx.batcher.submit(texts, lease.slot)
+        except QueueFullError as exc:
+            raise APIError(429, f"overloaded: {exc}", headers={"Retry-After": "1"}) from exc
+    name = lease.name or body.adapter
+    request.state.log_fields = {"adapter": name, "version": lease.version, "task": "classification",
+                                "compute_ms": round((time.perf_counter() - started) * 1e3, 3)}
+    results = []
+    for row in logits:
+        labels = lease.labels or [f"LABEL_{i}" for i in range(row.shape[-1])]
+        probs = torch.softmax(row.float(), dim=-1)
+        order = torch.argsort(probs, descending=True).tolist()
+        scores = {labels[i]: float(probs[i]) for i in range(len(labels))}
+        top = [LabelScore(label=labels[i], score=float(probs[i])) for i in order[: body.top_k]]
+        results.append(ClassifyResult(label=top[0].label, score=top[0].score, scores=scores, top=top))
+    return ClassifyResponse(adapter=name, version=lease.version, results=results,
+                            usage=ClassifyUsage(inputs=len(texts), characters=sum(map(len, texts))))

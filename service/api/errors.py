@@ -1,0 +1,84 @@
+"""The one error shape of the API (OpenAI's): {"error": {"message", "type", "param", "code"}}.
+
+Every exception that reaches FastAPI is turned into it here; internals never leak to clients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.errors import LoraswapError
+
+log = logging.getLogger("loraswap.errors")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers
+
+
+def error_response(status: int, message: str, *, type: str | None = None, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    err = APIError(status, message, type=type, param=param, code=code)
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None) or request.headers.get("x-request-id")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code,
+                              headers=exc.headers)
+
+    @app.exception_handler(LoraswapError)
+    async def _domain_error(request: Request, exc: LoraswapError):
+        status = getattr(exc, "status", 400)
+        return error_response(status, str(exc), code=type(exc).__name__)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        # A body that is not JSON at all is a bad request; a JSON body of the wrong shape is 422.
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "request body is not valid JSON", code="json_invalid")
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
+        )
+        return error_response(422, message, param=".".join(loc) or None, code="validation_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        rid = _request_id(request)
+        log.exception("internal error (request_id=%s)", rid)
+        return error_response(500, f"internal error (request id {rid})", type="server_error")

@@ -1,0 +1,30 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.api.errors import APIError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", summary="Process is alive")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Bases loaded and not draining")
+async def ready(request: Request) -> dict:
+    ctx = request.app.state.ctx
+    if ctx.draining:
+        raise APIError(503, "draining: shutting down", code="draining")
+    if not ctx.ready:
+        raise APIError(503, "starting: base models are loading", code="not_ready")
+    return {"status": "ready", "tasks": sorted(ctx.managers)}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.ctx.metrics.exposition()
+    return Response(body, media_type=content_type)

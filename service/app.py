@@ -1,0 +1,53 @@
+"""FastAPI application factory: routers, error shape, lifespan that loads and drains the engines.
+
+`create_app(settings)` is what `loraswap serve` runs; tests pass tiny engines in directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from service.api import adapters, classify, health
+from service.api.errors import install_error_handlers
+from service.config import Settings, load_settings
+from service.context import ServiceContext
+
+log = logging.getLogger("loraswap.server")
+
+
+def create_app(settings: Settings | None = None, *, classifier=None, generator=None, registry=None) -> FastAPI:
+    settings = settings or load_settings()
+    ctx = ServiceContext(settings=settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await ctx.start(classifier=classifier, generator=generator, registry=registry)
+        log.info("ready: tasks=%s registry=%s", sorted(ctx.managers), settings.registry)
+        try:
+            yield
+        finally:
+            await ctx.stop()
+
+    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan,
+                  description="One base model per task, many hot-swappable LoRA adapters.")
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    _install_optional(app)
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    app.include_router(adapters.router)
+    with contextlib.suppress(ImportError):
+        from service.api import openai
+
+        app.include_router(openai.router)
+    return app
+
+
+def _install_optional(app: FastAPI) -> None:
+    with contextlib.suppress(ImportError):
+        from service.request_log import install_request_logging
+
+        install_request_logging(app)

@@ -1,0 +1,112 @@
+"""Server settings: pydantic-settings with precedence flags > env LORASWAP_* > YAML file > defaults.
+
+Read once at start-up by `service.cli` (or passed to `create_app` by tests).
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
+
+from adapters.bases import DEFAULT_DECODER, DEFAULT_ENCODER
+
+_yaml_file: ContextVar[Path | None] = ContextVar("loraswap_yaml_file", default=None)
+
+
+class MetricsSettings(BaseModel):
+    max_adapter_labels: int = Field(100, ge=1, description="adapters beyond this fold into `_other_`")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORASWAP_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    registry: str = Field("registry", description="local directory or any fsspec URL")
+    # Empty string disables a task (e.g. a classification-only replica).
+    encoder_base: str = DEFAULT_ENCODER
+    decoder_base: str = DEFAULT_DECODER
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    # Adapter residency (see service/adapter_cache.py).
+    max_gpu_adapters: int = Field(32, ge=1, description="adapter slots per engine on the accelerator")
+    max_cpu_adapters: int = Field(128, ge=0, description="validated adapters kept in host memory")
+    max_rank: int = Field(64, ge=1)
+    max_concurrent_loads: int = Field(2, ge=1)
+    load_on_demand: bool = True
+    preload: list[str] = Field(default_factory=list, description="adapter refs loaded at start-up")
+    watch_interval_s: float = Field(2.0, ge=0, description="registry poll interval; 0 disables the watch")
+
+    # Classification batching.
+    max_batch_size: int = Field(64, ge=1)
+    max_batch_tokens: int = Field(8192, ge=1)
+    max_wait_ms: float = Field(2.0, ge=0)
+    max_queue: int = Field(1024, ge=1)
+    max_length: int = Field(256, ge=8, description="tokens per classification input (longer are truncated)")
+
+    # Generation.
+    max_num_seqs: int = Field(16, ge=1)
+    max_model_len: int = Field(2048, ge=16)
+
+    # Request limits.
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_inputs: int = Field(256, ge=1)
+    max_input_chars: int = Field(16384, ge=1)
+    max_tokens: int = Field(1024, ge=1, description="upper bound on a request's max_tokens")
+    max_concurrent_per_key: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    grace_period_s: float = Field(30.0, ge=0, description="drain time on SIGTERM")
+
+    # Auth (see service/auth.py).
+    api_keys: str | None = Field(None, description="JSON list of key entries")
+    api_keys_file: Path | None = None
+    auth_enabled: bool | None = None
+
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log_level: str = "info"
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _split_csv(cls, value):
+        if isinstance(value, str):  # env var form: "a,b@2"
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        sources = [init_settings, env_settings]
+        if (path := _yaml_file.get()) is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device() == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides) -> Settings:
+    """Build settings; `overrides` are the CLI flags (highest precedence, None means unset)."""
+    path = config_file or os.environ.get("LORASWAP_CONFIG")
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    token = _yaml_file.set(Path(path) if path else None)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _yaml_file.reset(token)

@@ -1,0 +1,26 @@
+"""Suite-wide fixtures: where the shared data lives, and an offline hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    # The data is part of the CI layout (shared/ beside the repo); missing data is a failure, not a skip.
+    assert DATA.is_dir(), f"shared data not found at {DATA}"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
