@@ -1,0 +1,227 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters.errors import AdapterConflictError, AdapterValidationError
+from adapters.fingerprint import describe_base
+from adapters.format import AdapterWeights, import_peft_folder, read_adapter, validate_adapter, write_manifest
+from adapters.manifest import Manifest
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _rewrite_manifest(folder):
+    """Re-hash the files after a deliberate edit, so the test reaches the check after the hash check."""
+    manifest = Manifest.load(folder)
+    write_manifest(folder, **manifest.model_dump(exclude={"files"}))
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_peft_saved_keys_are_what_we_parse(peft_dir):
+    keys = set(load_file(str(peft_dir / WEIGHTS)))
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight" in keys
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+
+
+def test_import_then_read(adapter_dir, base_info, peft_state):
+    weights = read_adapter(adapter_dir, base_info)
+    assert isinstance(weights, AdapterWeights)
+    m = weights.manifest
+    assert (m.name, m.version, m.task, m.labels) == ("sentiment", 1, "classification", ["LABEL_0", "LABEL_1", "LABEL_2"])
+    assert m.base_model.fingerprint == base_info.fingerprint
+    assert m.lora.r == 4 and m.lora.alpha == 8 and m.lora.targets == ["query", "value"]
+    assert m.head["classifier.weight"].shape == [3, 32]
+    assert set(m.files) == {"adapter_config.json", WEIGHTS, "README.md"}
+    assert weights.scale == 2.0
+    assert len(weights.lora) == 4
+    for path, (a, b) in weights.lora.items():
+        assert torch.equal(a, peft_state[f"base_model.model.{path}.lora_A.weight"])
+        assert torch.equal(b, peft_state[f"base_model.model.{path}.lora_B.weight"])
+    assert torch.equal(weights.head["classifier.weight"], peft_state["base_model.model.classifier.weight"])
+    assert weights.nbytes == sum(t.numel() * 4 for t in peft_state.values())
+    assert validate_adapter(adapter_dir) == m  # structure-only validation, no base
+
+
+def test_import_uses_id2label(peft_dir, base_info):
+    (peft_dir / "config.json").write_text(json.dumps({"id2label": {"0": "neg", "1": "neu", "2": "pos"}}))
+    assert import_peft_folder(peft_dir, "s", "b", base_info).labels == ["neg", "neu", "pos"]
+
+
+def test_rslora_scale(tmp_path, base_folder, base_info, helpers):
+    helpers.save_peft_adapter(base_folder, tmp_path / "a", r=4, lora_alpha=8, use_rslora=True)
+    import_peft_folder(tmp_path / "a", "rs", "b", base_info)
+    assert read_adapter(tmp_path / "a", base_info).scale == pytest.approx(8 / math.sqrt(4))
+
+
+def test_rank_and_alpha_pattern_folded_into_b(tmp_path, base_folder, base_info, helpers):
+    state = helpers.save_peft_adapter(
+        base_folder, tmp_path / "a", r=4, lora_alpha=8, rank_pattern={"value": 2}, alpha_pattern={"value": 8}
+    )
+    import_peft_folder(tmp_path / "a", "pat", "b", base_info)
+    weights = read_adapter(tmp_path / "a", base_info)
+    path = "bert.encoder.layer.0.attention.self.value"
+    a, b = weights.lora[path]
+    assert a.shape == (2, 32)
+    # PEFT scales this module by 8/2 = 4; the adapter scale is 8/4 = 2, so B carries the factor 2.
+    assert torch.allclose(b, state[f"base_model.model.{path}.lora_B.weight"] * 2)
+
+
+def test_adapter_saved_on_bare_backbone_maps_to_base_paths(tmp_path, base_folder, base_info):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    peft_model = get_peft_model(AutoModel.from_pretrained(base_folder), LoraConfig(r=2, target_modules=["query"]))
+    peft_model.save_pretrained(tmp_path / "a")
+    gen_info = describe_base(AutoModel.from_pretrained(base_folder), "b", "generation")
+    gen_info.modules = base_info.modules  # paths as loaded by AutoModelFor...: bert.encoder...
+    import_peft_folder(tmp_path / "a", "bare", "b", gen_info, task="generation")
+    assert "bert.encoder.layer.0.attention.self.query" in read_adapter(tmp_path / "a", gen_info).lora
+
+
+# ---- bad input: each refused with its own message ----
+
+
+def test_pickle_refused_never_unpickled(adapter_dir, base_info):
+    # A pickle that would create a file if it were ever loaded.
+    marker = adapter_dir.parent / "pwned"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (adapter_dir / "adapter_model.bin").write_bytes(payload)
+    with pytest.raises(AdapterValidationError, match="pickle weights are refused"):
+        read_adapter(adapter_dir, base_info)
+    with pytest.raises(AdapterValidationError, match="pickle"):
+        import_peft_folder(adapter_dir, "x", "b", base_info)
+    assert not marker.exists()
+
+
+def test_truncated_safetensors(adapter_dir, base_info):
+    path = adapter_dir / WEIGHTS
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(AdapterValidationError, match="sha256 does not match"):
+        read_adapter(adapter_dir, base_info)
+    _rewrite_manifest(adapter_dir)
+    with pytest.raises(AdapterValidationError, match="not a valid safetensors file"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_wrong_shape(adapter_dir, base_info):
+    tensors = load_file(str(adapter_dir / WEIGHTS))
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
+    tensors[key] = torch.zeros(48, 4)
+    save_file(tensors, str(adapter_dir / WEIGHTS))
+    _rewrite_manifest(adapter_dir)
+    with pytest.raises(AdapterValidationError, match="query: wrong shape.*out=32"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_wrong_rank_vs_config(adapter_dir, base_info):
+    _edit_config(adapter_dir, r=8, lora_alpha=16)
+    manifest = Manifest.load(adapter_dir)
+    manifest.lora.r, manifest.lora.alpha = 8, 16
+    write_manifest(adapter_dir, **manifest.model_dump(exclude={"files"}))
+    with pytest.raises(AdapterValidationError, match="do not match rank 8"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_rank_over_limit(adapter_dir, base_info):
+    with pytest.raises(AdapterValidationError, match="exceeds the maximum rank 2"):
+        read_adapter(adapter_dir, base_info, max_rank=2)
+
+
+def test_too_large(adapter_dir, base_info):
+    with pytest.raises(AdapterValidationError, match="too large"):
+        read_adapter(adapter_dir, base_info, max_bytes=1000)
+
+
+def test_wrong_dtype(adapter_dir, base_info):
+    tensors = load_file(str(adapter_dir / WEIGHTS))
+    tensors["base_model.model.classifier.bias"] = torch.zeros(3, dtype=torch.int64)
+    save_file(tensors, str(adapter_dir / WEIGHTS))
+    _rewrite_manifest(adapter_dir)
+    with pytest.raises(AdapterValidationError, match="dtype torch.int64 is not supported"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_unexpected_tensor(adapter_dir, base_info):
+    tensors = load_file(str(adapter_dir / WEIGHTS))
+    tensors["base_model.model.bert.pooler.dense.weight"] = torch.zeros(32, 32)
+    save_file(tensors, str(adapter_dir / WEIGHTS))
+    _rewrite_manifest(adapter_dir)
+    with pytest.raises(AdapterValidationError, match="unexpected tensor"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_other_base_fingerprint_mismatch(adapter_dir, other_base_folder, helpers):
+    other = describe_base(helpers.load_cls(other_base_folder), "other", "classification")
+    with pytest.raises(AdapterValidationError, match="trained on another base.*fingerprint mismatch"):
+        read_adapter(adapter_dir, other)
+
+
+def test_task_mismatch(adapter_dir, base_info):
+    gen = describe_base(torch.nn.Linear(2, 2), base_info.name, "generation")
+    gen.fingerprint = base_info.fingerprint
+    with pytest.raises(AdapterConflictError, match="for classification but the base serves generation"):
+        read_adapter(adapter_dir, gen)
+
+
+def test_hash_mismatch(adapter_dir, base_info):
+    (adapter_dir / "README.md").write_text("changed")
+    with pytest.raises(AdapterValidationError, match="README.md: sha256 does not match"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_unlisted_file(adapter_dir, base_info):
+    (adapter_dir / "extra.txt").write_text("x")
+    with pytest.raises(AdapterValidationError, match="extra.txt is not listed"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_manifest_missing(peft_dir, base_info):
+    with pytest.raises(AdapterValidationError, match="no loraswap.json.*adapter import"):
+        read_adapter(peft_dir, base_info)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
+        ({"bias": "all"}, "bias='all' is not supported"),
+        ({"init_lora_weights": "pissa"}, "changes the base weights"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication"),
+    ],
+)
+def test_unsupported_options(peft_dir, base_info, change, match):
+    _edit_config(peft_dir, **change)
+    with pytest.raises(AdapterValidationError, match=match):
+        import_peft_folder(peft_dir, "x", "b", base_info)
+    assert not (peft_dir / "loraswap.json").exists()
+
+
+def test_manifest_disagrees_with_config(adapter_dir, base_info):
+    _edit_config(adapter_dir, lora_alpha=32)
+    _rewrite_manifest(adapter_dir)
+    with pytest.raises(AdapterValidationError, match="disagree with adapter_config.json"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_labels_must_match_head_rows(adapter_dir, base_info):
+    manifest = Manifest.load(adapter_dir)
+    manifest.labels = ["a", "b"]
+    manifest.save(adapter_dir)
+    with pytest.raises(AdapterValidationError, match="2 labels but the head produces 3"):
+        read_adapter(adapter_dir, base_info)
+
+
+def test_import_bad_name(peft_dir, base_info):
+    with pytest.raises(AdapterValidationError, match="invalid adapter name"):
+        import_peft_folder(peft_dir, "../Evil", "b", base_info)
