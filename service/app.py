@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
                   description="One base model per task, many hot-swappable LoRA adapters.")
     app.state.ctx = ctx
     install_error_handlers(app)
+    app.add_middleware(FormAsJson)
     _install_optional(app)
     app.include_router(health.router)
     app.include_router(classify.router)
@@ -44,6 +45,24 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
 
         app.include_router(openai.router)
     return app
+
+
+class FormAsJson:
+    """`curl -d '{...}'` sends application/x-www-form-urlencoded; we have no form endpoints, so a
+    body sent that way is read as the JSON it is instead of failing validation."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = [
+                (k, b"application/json") if k == b"content-type" and v.startswith(b"application/x-www-form-urlencoded")
+                else (k, v)
+                for k, v in scope["headers"]
+            ]
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
 
 
 def _install_optional(app: FastAPI) -> None:

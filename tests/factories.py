@@ -1,0 +1,69 @@
+"""Tiny models and real PEFT adapters for service and end-to-end tests (built in-process, no downloads).
+
+The oracle for every served answer is PEFT itself, so the factories return the PEFT model too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+WORDS = [f"w{i}" for i in range(95)] + ["great", "movie", "dull", "boring", "loved"]
+ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def tiny_bert_base(folder: Path) -> Path:
+    """A saved 2-layer BertForSequenceClassification with a word-level tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    return folder
+
+
+def make_cls_adapter(base_dir: Path, out_dir: Path, *, num_labels: int, r: int = 4, targets=None,
+                     seed: int = 0) -> PeftModel:
+    """Save a PEFT SEQ_CLS LoRA adapter with random (non-zero) weights; returns the PEFT model."""
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels).eval()
+    config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=targets or ALL_LINEARS)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(out_dir)
+    return model.eval()
+
+
+def publish_cls_adapter(registry, base_dir: Path, work: Path, name: str, *, num_labels: int, seed: int = 0,
+                        version: int | None = None, **kwargs) -> PeftModel:
+    """make_cls_adapter + import (writes the manifest) + publish into `registry`."""
+    from adapters.bases import load_base
+    from adapters.fingerprint import describe_base
+    from adapters.format import import_peft_folder
+
+    folder = work / f"{name}-{seed}"
+    model = make_cls_adapter(base_dir, folder, num_labels=num_labels, seed=seed, **kwargs)
+    base, _ = load_base(base_dir, "classification")
+    import_peft_folder(folder, name, str(base_dir), describe_base(base, str(base_dir), "classification"),
+                       version=version or 1)
+    registry.publish(folder, name=name, version=version)
+    return model
+
+
+def peft_logits(model: PeftModel, tokenizer, texts: list[str]) -> list[torch.Tensor]:
+    """The oracle: each text alone through PEFT (no padding effects)."""
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tokenizer(text, return_tensors="pt")
+            out.append(model(**enc).logits[0])
+    return out
