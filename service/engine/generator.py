@@ -1,0 +1,314 @@
+"""GeneratorEngine: continuous-batching text generation with per-request LoRA slots, driven by one
+background thread (scheduler → model runner → scheduler); asyncio callers stream `Delta`s from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.errors import LoraswapError
+from service.engine.kv_cache import KVCache
+from service.engine.lora_model import inject_multi_lora
+from service.engine.model_runner import ModelRunner, decoder_for
+from service.engine.sampling import SamplingParams
+from service.engine.scheduler import Scheduler
+from service.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(LoraswapError):
+    """Too many requests are waiting for a KV row; the API answers 429 + Retry-After."""
+
+    status = 429
+
+
+@dataclass
+class Delta:
+    """What one step produced for one request. Counts are cumulative (for `usage`)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" | "length" | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Detokenizer:
+    """Incremental detokenization with stop strings.
+
+    Decoding token by token breaks multi-byte characters and word-piece spacing, so (like vLLM) each step
+    decodes a short window ending at the new token and keeps only text that is complete (no trailing
+    U+FFFD). Text that could be the beginning of a stop string is held back until it is known not to be.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        # A few prompt tokens of context make the first generated word-piece decode with its leading space.
+        self.ids = list(prompt_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+        self.text = ""
+        self.sent = 0
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self.prefix : self.read])
+        new_text = self._decode(self.ids[self.prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.text += new_text[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def flush(self) -> None:
+        """At the end, keep whatever the incomplete tail decodes to (replacement characters included)."""
+        prefix_text = self._decode(self.ids[self.prefix : self.read])
+        new_text = self._decode(self.ids[self.prefix :])
+        if len(new_text) > len(prefix_text):
+            self.text += new_text[len(prefix_text) :]
+        self.prefix = self.read = len(self.ids)
+
+    def take(self, final: bool) -> tuple[str, bool]:
+        """(text to send now, whether a stop string was found). After a stop, the text ends before it."""
+        if self.stop:
+            start = max(0, self.sent - self.hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                out, self.sent = self.text[self.sent :], len(self.text)
+                return out, True
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent : end], end
+        return out, False
+
+
+class _Stream:
+    """The asyncio side of one request: where its deltas go, and its text state (engine thread only)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, detok: Detokenizer) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self.detok = detok
+        self.sent_tokens = 0
+
+    def put(self, item: Delta | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class GeneratorEngine:
+    """Implements the SlotEngine protocol for task "generation" (see docs/ARCHITECTURE.md)."""
+
+    task = "generation"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        base_info: Any,
+        *,
+        num_slots: int = 9,
+        max_rank: int = 64,
+        max_num_seqs: int = 16,
+        max_model_len: int = 2048,
+        max_num_batched_tokens: int = 4096,
+        max_waiting: int = 256,
+        targets: str | Seq[str] | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        model = model.to(device=device, dtype=dtype).eval()
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if limit:
+            max_model_len = min(max_model_len, limit)
+        self.model, self.tokenizer, self.base_info = model, tokenizer, base_info
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.max_model_len, self.max_waiting = max_model_len, max_waiting
+        # Targets None = every linear inside the transformer blocks (q/k/v/o and MLP), never lm_head.
+        self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
+        dec = decoder_for(model)
+        self.kv_cache = KVCache(
+            len(dec.blocks), dec.num_kv_heads, dec.head_dim, max_num_seqs, max_model_len, dtype=dtype, device=device
+        )
+        self.scheduler = Scheduler(self.kv_cache, max_num_batched_tokens, self._eos_ids(model, tokenizer))
+        self.runner = ModelRunner(model, self.kv_cache, self.slots)
+        self._streams: dict[int, _Stream] = {}
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[int] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    @staticmethod
+    def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    # --- SlotEngine ---------------------------------------------------------------------------------
+    def load_slot(self, slot: int, weights: Any) -> None:
+        """Copy an adapter (`.lora`, `.scale`) into `slot`. The caller guarantees no running request uses it."""
+        self.slots.load(slot, weights.lora, weights.scale)
+
+    def clear_slot(self, slot: int) -> None:
+        self.slots.clear(slot)
+
+    # --- metrics --------------------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache.usage
+
+    @property
+    def running_slots(self) -> list[int]:
+        return sorted({s.slot for s in list(self.scheduler.running)})
+
+    @property
+    def waiting_slots(self) -> list[int]:
+        return sorted({s.slot for s in list(self.scheduler.waiting) + list(self._inbox)})
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="generator-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # --- requests -------------------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0) -> AsyncIterator[Delta]:
+        """Stream deltas for one request. Raises ValueError (bad prompt/slot) or EngineOverloadedError
+        before the first delta; closing/cancelling the iterator frees the sequence within one step."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot must be in [0, {self.num_slots}), got {slot}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
+            )
+        if self.waiting >= self.max_waiting:
+            raise EngineOverloadedError(f"{self.waiting} requests are waiting; retry later")
+        seq = Sequence(list(prompt_ids), params, slot)
+        stream = _Stream(asyncio.get_running_loop(), Detokenizer(self.tokenizer, seq.token_ids, params.stop))
+        self._streams[seq.seq_id] = stream
+        self.start()
+        with self._wake:
+            self._inbox.append(seq)
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                with self._wake:
+                    self._aborts.append(seq.seq_id)
+                    self._wake.notify()
+
+    # --- engine thread --------------------------------------------------------------------------------
+    def _take_inbox(self) -> None:
+        with self._wake:
+            while not (self._inbox or self._aborts or self.scheduler.has_work() or self._stopping):
+                self._wake.wait()
+            new, self._inbox = list(self._inbox), deque()
+            aborts, self._aborts = set(self._aborts), deque()
+        for seq in new:
+            if seq.seq_id in aborts:
+                self._streams.pop(seq.seq_id, None)
+                continue
+            self.scheduler.add(seq)
+        if aborts:
+            for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+                if seq.seq_id in aborts:
+                    self.scheduler.finish(seq, "abort")
+                    self._streams.pop(seq.seq_id, None)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            self._take_inbox()
+            if self._stopping:
+                self._fail_all(RuntimeError("the generation engine stopped"))
+                return
+            if not self.scheduler.has_work():
+                continue
+            seqs, is_prefill = self.scheduler.schedule()
+            try:
+                tokens = self.runner.run(seqs, is_prefill)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine thread
+                log.exception("generation step failed")
+                for seq in seqs:
+                    self.scheduler.finish(seq, "abort")
+                    stream = self._streams.pop(seq.seq_id, None)
+                    if stream is not None:
+                        stream.put(exc)
+                continue
+            self.steps += 1
+            self.scheduler.postprocess(seqs, tokens)
+            for seq in seqs:
+                self._emit(seq)
+
+    def _emit(self, seq: Sequence) -> None:
+        stream = self._streams.get(seq.seq_id)
+        if stream is None:
+            return
+        token = seq.last_token
+        detok = stream.detok
+        is_eos = seq.finish_reason == "stop"  # the EOS token itself is not part of the text
+        if not is_eos:
+            detok.push(token)
+        if seq.is_finished:
+            detok.flush()
+        text, stopped = detok.take(final=seq.is_finished)
+        if stopped and not seq.is_finished:
+            self.scheduler.finish(seq, "stop")
+        new_ids = seq.completion_ids[stream.sent_tokens :]
+        stream.sent_tokens += len(new_ids)
+        stream.put(Delta(new_ids, text, seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens))
+        if seq.is_finished:
+            self._streams.pop(seq.seq_id, None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self.scheduler.finish(seq, "abort")
+        for stream in self._streams.values():
+            stream.put(exc)
+        self._streams.clear()

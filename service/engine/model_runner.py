@@ -1,0 +1,220 @@
+"""Tensors in, tokens out: runs a Hugging Face decoder's own modules (embeddings, norms, LoRA-wrapped
+linears, MLPs, lm_head) layer by layer, with attention written here over the engine's KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from service.engine.kv_cache import KVCache
+from service.engine.lora_model import LoraSlots
+from service.engine.sampling import sample
+from service.engine.sequence import Sequence
+
+QKV = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass
+class Block:
+    """One transformer block as the runner needs it; every callable is the model's own module."""
+
+    norm1: nn.Module
+    qkv: QKV  # h [B, T, hidden] -> q [B, T, H*hd], k, v [B, T, Hkv*hd]
+    out_proj: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    scaling: float
+
+
+class Decoder:
+    """What differs between decoder families: embeddings, positions, the q/k/v projection."""
+
+    blocks: list[Block]
+    final_norm: nn.Module
+    lm_head: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Token (+ position) embeddings, and the rotary (cos, sin) for `positions` if the family uses RoPE."""
+        raise NotImplementedError
+
+
+class LlamaDecoder(Decoder):
+    """Llama family (SmolLM2): RMSNorm, GQA, RoPE, separate q/k/v projections, gated MLP."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cfg = model.config
+        inner = model.model
+        self.inner, self.apply_rope = inner, apply_rotary_pos_emb
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.blocks = [
+            Block(
+                norm1=layer.input_layernorm,
+                qkv=self._qkv(layer.self_attn),
+                out_proj=layer.self_attn.o_proj,
+                norm2=layer.post_attention_layernorm,
+                mlp=layer.mlp,
+                scaling=layer.self_attn.scaling,
+            )
+            for layer in inner.layers
+        ]
+        self.final_norm, self.lm_head = inner.norm, model.lm_head
+
+    @staticmethod
+    def _qkv(attn: nn.Module) -> QKV:
+        # Read the projections at call time: LoRA injection may replace them after construction.
+        return lambda h: (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+
+    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        x = self.inner.embed_tokens(input_ids)
+        return x, self.inner.rotary_emb(x, positions)
+
+
+class GPT2Decoder(Decoder):
+    """GPT-2: LayerNorm, learned positions, one fused Conv1D c_attn for q/k/v, no RoPE."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        inner = model.transformer
+        self.inner = inner
+        self.num_heads = self.num_kv_heads = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.blocks = [
+            Block(
+                norm1=layer.ln_1,
+                qkv=self._qkv(layer.attn, cfg.n_embd),
+                out_proj=layer.attn.c_proj,
+                norm2=layer.ln_2,
+                mlp=layer.mlp,
+                scaling=layer.attn.scaling,
+            )
+            for layer in inner.h
+        ]
+        self.final_norm, self.lm_head = inner.ln_f, model.lm_head
+
+    @staticmethod
+    def _qkv(attn: nn.Module, hidden: int) -> QKV:
+        return lambda h: attn.c_attn(h).split(hidden, dim=-1)
+
+    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        return self.inner.wte(input_ids) + self.inner.wpe(positions), None
+
+
+DECODERS: dict[str, type[Decoder]] = {"llama": LlamaDecoder, "gpt2": GPT2Decoder}
+
+
+def decoder_for(model: nn.Module) -> Decoder:
+    model_type = model.config.model_type
+    if model_type not in DECODERS:
+        raise ValueError(f"unsupported decoder {model_type!r}; supported: {sorted(DECODERS)}")
+    return DECODERS[model_type](model)
+
+
+class ModelRunner:
+    """Runs one step for a batch of sequences and samples their next tokens.
+
+    Attention is the one part written here: new K/V go into the engine's cache rows, then queries attend
+    to cache positions <= their own with `scaled_dot_product_attention`. GQA folds the query heads that
+    share a KV head into the query-length axis, so no K/V is repeated. Rows of a batch are a contiguous
+    range of cache rows (the KV cache keeps them dense), so reads and writes use views, not gathers.
+    """
+
+    def __init__(self, model: nn.Module, kv_cache: KVCache, slots: LoraSlots | None = None) -> None:
+        self.model = model
+        self.decoder = decoder_for(model)
+        self.kv_cache = kv_cache
+        self.slots = slots
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        logits = self.prefill(seqs) if is_prefill else self.decode(seqs)
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+
+    def prefill(self, seqs: list[Sequence]) -> Tensor:
+        """All uncached tokens of each sequence, right-padded to one [B, T] batch; logits of the last real token."""
+        starts = [s.num_cached for s in seqs]
+        chunks = [s.token_ids[s.num_cached :] for s in seqs]
+        width = max(len(c) for c in chunks)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, : len(c)] = torch.tensor(c)
+        positions = torch.tensor(starts).unsqueeze(1) + torch.arange(width).unsqueeze(0)
+        # Padding positions may run past the context end: clamp (their outputs are never read).
+        positions = positions.clamp_(max=self.kv_cache.max_model_len - 1)
+        last = torch.tensor([len(c) - 1 for c in chunks])
+        return self._forward(seqs, ids, positions, last)
+
+    def decode(self, seqs: list[Sequence]) -> Tensor:
+        ids = torch.tensor([[s.last_token] for s in seqs])
+        positions = torch.tensor([[s.num_cached] for s in seqs])
+        return self._forward(seqs, ids, positions, torch.zeros(len(seqs), dtype=torch.long))
+
+    def _forward(self, seqs: list[Sequence], ids: Tensor, positions: Tensor, last: Tensor) -> Tensor:
+        dev = self.device
+        ids, positions = ids.to(dev), positions.to(dev)
+        rows = [s.row for s in seqs]
+        lo = rows[0]
+        if rows != list(range(lo, lo + len(rows))):
+            raise RuntimeError(f"batch rows {rows} are not contiguous; the KV cache keeps them dense")
+        slot_ids = torch.tensor([s.slot for s in seqs], device=dev)
+        if self.slots is None:
+            if bool((slot_ids != 0).any()):
+                raise ValueError("this runner has no LoRA slots")
+            hidden = self._layers(ids, positions, slice(lo, lo + len(rows)))
+        else:
+            with self.slots.use(slot_ids):
+                hidden = self._layers(ids, positions, slice(lo, lo + len(rows)))
+        hidden = hidden[
+            torch.arange(len(seqs), device=dev), last.to(dev)
+        ]  # [B, hidden]: lm_head on 1 token/row
+        return self.decoder.lm_head(self.decoder.final_norm(hidden)).float()
+
+    def _layers(self, ids: Tensor, positions: Tensor, rows: slice) -> Tensor:
+        d = self.decoder
+        B, T = ids.shape
+        H, Hkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
+        G = H // Hkv
+        x, rope = d.embed(ids, positions)
+        span = int(positions.max()) + 1  # cache positions any query of this batch may see
+        # mask[b, t, j]: query t of row b sees cache position j iff j <= its own position (causal, and
+        # hides whatever an earlier owner or right padding left beyond the row's length).
+        mask = torch.arange(span, device=ids.device).view(1, 1, span) <= positions.unsqueeze(-1)
+        mask = mask.unsqueeze(1).repeat(1, 1, G, 1) if G > 1 else mask.unsqueeze(1)  # [B, 1, G*T, span]
+        first = int(positions[:, 0].min())
+        uniform_start = bool((positions[:, 0] == first).all())
+        for layer, blk in enumerate(d.blocks):
+            h = blk.norm1(x)
+            q, k, v = blk.qkv(h)
+            q = q.view(B, T, H, hd).transpose(1, 2)
+            k = k.view(B, T, Hkv, hd).transpose(1, 2)
+            v = v.view(B, T, Hkv, hd).transpose(1, 2)
+            if rope is not None:
+                q, k = d.apply_rope(q, k, *rope)
+            k_cache, v_cache = self.kv_cache.k[layer, rows], self.kv_cache.v[layer, rows]
+            if uniform_start:  # prefill from position 0 (or any shared start): one slice write
+                k_cache[:, :, first : first + T].copy_(k)
+                v_cache[:, :, first : first + T].copy_(v)
+            else:  # decode: each row writes its own position
+                b = torch.arange(B, device=ids.device).unsqueeze(1)
+                k_cache.transpose(1, 2)[b, positions] = k.transpose(1, 2)
+                v_cache.transpose(1, 2)[b, positions] = v.transpose(1, 2)
+            # [B, H, T, hd] -> [B, Hkv, G*T, hd]: query heads h*G..h*G+G-1 share KV head h.
+            qg = q.reshape(B, Hkv, G * T, hd)
+            out = F.scaled_dot_product_attention(
+                qg, k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask, scale=blk.scaling
+            )
+            out = out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+            x = x + blk.out_proj(out)
+            x = x + blk.mlp(blk.norm2(x))
+        return x
