@@ -1,0 +1,218 @@
+"""ClassifyBatcher: asyncio dynamic batching of classify requests into ClassifierEngine batches.
+Rows of many requests (any adapters) are bucketed by length; the model runs in one worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from adapters.errors import LoraswapError
+
+BatchCallback = Callable[[int, int, list[float]], None]
+
+
+class QueueFullError(LoraswapError):
+    """Too many requests waiting: the service answers 429 with Retry-After."""
+
+    status = 429
+
+
+@dataclass(eq=False)
+class _Request:
+    rows: list[list[int]]  # token ids per text
+    slot: int
+    future: asyncio.Future
+    submitted: float = field(default_factory=time.perf_counter)
+    results: list[Tensor | None] = field(default_factory=list)
+    next_row: int = 0  # rows before this one are already in a batch
+    done_rows: int = 0
+
+    @property
+    def started(self) -> bool:
+        return self.next_row > 0
+
+
+class ClassifyBatcher:
+    """Collects rows for up to `max_wait_ms` (or until a full batch is waiting), sorts a window of them
+    by length, cuts it into batches of <= max_batch_size rows and <= max_batch_tokens padded tokens,
+    and runs each batch in the single model thread. Callers get their own rows back, in order.
+    """
+
+    def __init__(
+        self,
+        engine,
+        max_batch_size: int = 64,
+        max_batch_tokens: int = 8192,
+        max_wait_ms: float = 2,
+        max_queue: int = 1024,
+        on_batch: BatchCallback | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._pending: deque[_Request] = deque()  # requests with rows not yet in a batch, FIFO
+        self._running: set[_Request] = set()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        # One thread owns the model (torch forward passes are not run concurrently); tokenizing has its
+        # own thread so a new request is tokenized while a batch runs, never on the event loop.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="classify-model")
+        self._token_thread = ThreadPoolExecutor(1, thread_name_prefix="classify-tokenize")
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting with no row started yet."""
+        return sum(1 for r in self._pending if not r.started)
+
+    @property
+    def running(self) -> int:
+        """Requests with at least one row in a batch and not finished."""
+        return len(self._running)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="classify-batcher")
+
+    async def stop(self) -> None:
+        """Stop batching; requests not finished get a RuntimeError."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for request in [*self._pending, *self._running]:
+            if not request.future.done():
+                request.future.set_exception(RuntimeError("classify batcher stopped"))
+        self._pending.clear()
+        self._running.clear()
+        self._model_thread.shutdown(wait=True)
+        self._token_thread.shutdown(wait=True)
+
+    async def submit(self, texts: str | Sequence[str], slot: int) -> list[Tensor]:
+        """Logits for each text through `slot` (trimmed to its label count). Raises QueueFullError."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return []
+        if len(self._pending) >= self.max_queue:
+            raise QueueFullError(f"classification queue is full ({self.max_queue} requests waiting)")
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(self._token_thread, self.engine.tokenize, texts)
+        request = _Request(rows=rows, slot=slot, future=loop.create_future(), results=[None] * len(rows))
+        self._pending.append(request)
+        self._wakeup.set()
+        try:
+            return await request.future
+        finally:
+            if request.future.cancelled():  # the caller went away: drop its rows, stop counting it
+                self._running.discard(request)
+                if request in self._pending:
+                    self._pending.remove(request)
+
+    # The loop ---------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._wait_for_more()
+            for batch in self._next_batches():
+                await self._run(loop, batch)
+
+    async def _wait_for_more(self) -> None:
+        """Wait up to max_wait after the oldest request arrived, unless a full batch is already waiting."""
+        deadline = self._pending[0].submitted + self.max_wait
+        while self._waiting_rows() < self.max_batch_size:
+            timeout = deadline - time.perf_counter()
+            if timeout <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                return
+
+    def _waiting_rows(self) -> int:
+        return sum(len(r.rows) - r.next_row for r in self._pending)
+
+    def _next_batches(self) -> list[list[tuple[_Request, int]]]:
+        """Take a FIFO window of up to 4 batches of rows, sort it by length (so padding is small) and cut
+        it into batches within the row and padded-token limits. Rows beyond the window wait, so an
+        oversized request is split across batches and the oldest rows always go first."""
+        window: list[tuple[_Request, int]] = []
+        limit = 4 * self.max_batch_size
+        while self._pending and len(window) < limit:
+            request = self._pending[0]
+            if request.future.done():  # cancelled or failed in an earlier batch
+                self._pending.popleft()
+                continue
+            take = min(len(request.rows) - request.next_row, limit - len(window))
+            window += [(request, i) for i in range(request.next_row, request.next_row + take)]
+            request.next_row += take
+            self._running.add(request)
+            if request.next_row == len(request.rows):
+                self._pending.popleft()
+        window.sort(key=lambda item: len(item[0].rows[item[1]]))
+        batches, current, width = [], [], 0
+        for item in window:
+            length = len(item[0].rows[item[1]])
+            new_width = max(width, length)
+            if current and (
+                len(current) >= self.max_batch_size or new_width * (len(current) + 1) > self.max_batch_tokens
+            ):
+                batches.append(current)
+                current, new_width = [], length
+            current.append(item)
+            width = new_width
+        if current:
+            batches.append(current)
+        return batches
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Request, int]]) -> None:
+        batch = [(r, i) for r, i in batch if not r.future.done()]
+        if not batch:
+            return
+        requests = list(dict.fromkeys(r for r, _ in batch))
+        started = time.perf_counter()
+        rows = [r.rows[i] for r, i in batch]
+        slots = [r.slot for r, _ in batch]
+        try:
+            out = await loop.run_in_executor(self._model_thread, self.engine.run, rows, slots)
+        except Exception as exc:  # a failing batch fails its own requests only; the loop goes on
+            for request in requests:
+                self._finish(request, exc)
+            return
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(batch), len(set(slots)), [started - r.submitted for r in requests])
+            except Exception:  # metrics must never break serving
+                pass
+        for (request, i), logits in zip(batch, out, strict=True):
+            if request.future.done():
+                continue
+            request.results[i] = logits
+            request.done_rows += 1
+            if request.done_rows == len(request.rows):
+                self._finish(request, None)
+
+    def _finish(self, request: _Request, exc: BaseException | None) -> None:
+        self._running.discard(request)
+        if request in self._pending:
+            self._pending.remove(request)
+        if request.future.done():
+            return
+        if exc is None:
+            request.future.set_result(request.results)
+        else:
+            request.future.set_exception(exc)

@@ -1,0 +1,161 @@
+"""Tests for service/engine/batcher.py with a fake engine (batching, splitting, limits, failures, the
+event loop never blocked) and once with the tiny ClassifierEngine (answers equal direct classify()).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from service.engine.batcher import ClassifyBatcher, QueueFullError
+
+
+class FakeEngine:
+    """tokenize: one id per word; run: logits row = [slot, length, first id] (identifies the row)."""
+
+    def __init__(self, delay: float = 0.0, fail_slot: int | None = None) -> None:
+        self.delay, self.fail_slot = delay, fail_slot
+        self.batches: list[tuple[list[list[int]], list[int]]] = []
+        self.threads: set[str] = set()
+
+    def tokenize(self, texts):
+        return [[int(w) for w in t.split()] for t in texts]
+
+    def run(self, rows, slots):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append((rows, slots))
+        time.sleep(self.delay)
+        if self.fail_slot in slots:
+            raise RuntimeError(f"boom in slot {self.fail_slot}")
+        return [
+            torch.tensor([float(s), float(len(r)), float(r[0])]) for r, s in zip(rows, slots, strict=True)
+        ]
+
+
+def _text(first: int, length: int) -> str:
+    return " ".join([str(first)] + ["7"] * (length - 1))
+
+
+async def test_concurrent_requests_share_batches_and_get_their_rows() -> None:
+    engine, stats = FakeEngine(), []
+    batcher = ClassifyBatcher(engine, max_batch_size=64, max_wait_ms=20, on_batch=lambda *a: stats.append(a))
+    await batcher.start()
+    jobs = [batcher.submit([_text(i, 1 + i % 5), _text(100 + i, 3)], slot=i % 4) for i in range(20)]
+    results = await asyncio.gather(*jobs)
+    await batcher.stop()
+    for i, out in enumerate(results):
+        assert [t.tolist() for t in out] == [[i % 4, 1 + i % 5, i], [i % 4, 3, 100 + i]]
+    assert len(engine.batches) < 20  # batched, not one forward per request
+    assert sum(size for size, _, _ in stats) == 40
+    assert max(distinct for _, distinct, _ in stats) > 1  # different adapters in one batch
+    assert all(w >= 0 for _, _, waits in stats for w in waits)
+    assert engine.threads and all(name.startswith("classify-model") for name in engine.threads)
+
+
+async def test_oversized_request_split_and_reassembled_within_limits() -> None:
+    engine = FakeEngine()
+    batcher = ClassifyBatcher(engine, max_batch_size=8, max_batch_tokens=40, max_wait_ms=1)
+    await batcher.start()
+    texts = [_text(i, 1 + (i * 7) % 9) for i in range(50)]
+    out = await batcher.submit(texts, slot=2)
+    await batcher.stop()
+    assert [t[2].item() for t in out] == list(range(50))  # the caller's order, whatever the batches
+    assert [t[1].item() for t in out] == [1 + (i * 7) % 9 for i in range(50)]
+    for rows, _ in engine.batches:
+        assert len(rows) <= 8 and max(map(len, rows)) * len(rows) <= 40
+    # bucketing: within a batch rows come sorted by length
+    assert all([len(r) for r in rows] == sorted(len(r) for r in rows) for rows, _ in engine.batches)
+
+
+async def test_queue_full_raises() -> None:
+    engine = FakeEngine(delay=0.2)
+    batcher = ClassifyBatcher(engine, max_batch_size=1, max_wait_ms=0, max_queue=2)
+    await batcher.start()
+    first = asyncio.create_task(batcher.submit("1", 1))
+    await asyncio.sleep(0.05)  # the first one is running
+    waiting = [asyncio.create_task(batcher.submit(str(i), 1)) for i in (2, 3)]
+    await asyncio.sleep(0.05)
+    assert batcher.queue_depth == 2 and batcher.running == 1
+    with pytest.raises(QueueFullError) as info:
+        await batcher.submit("4", 1)
+    assert info.value.status == 429
+    await asyncio.gather(first, *waiting)
+    assert batcher.queue_depth == 0 and batcher.running == 0
+    await batcher.stop()
+
+
+async def test_failing_batch_fails_only_its_requests() -> None:
+    engine = FakeEngine(fail_slot=3)
+    batcher = ClassifyBatcher(engine, max_batch_size=4, max_wait_ms=1)
+    await batcher.start()
+    with pytest.raises(RuntimeError, match="boom"):
+        await batcher.submit(["1 2", "3"], slot=3)
+    assert (await batcher.submit("5", slot=1))[0].tolist() == [1.0, 1.0, 5.0]
+    assert batcher.running == 0
+    await batcher.stop()
+
+
+async def test_event_loop_not_blocked_by_the_model() -> None:
+    engine = FakeEngine(delay=0.3)
+    batcher = ClassifyBatcher(engine, max_wait_ms=1)
+    await batcher.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await batcher.submit("1 2 3", slot=0)
+    task.cancel()
+    await batcher.stop()
+    assert ticks >= 15  # the loop kept ticking through a 0.3 s forward pass
+
+
+async def test_cancelled_request_is_dropped() -> None:
+    engine = FakeEngine(delay=0.1)
+    batcher = ClassifyBatcher(engine, max_batch_size=1, max_wait_ms=0)
+    await batcher.start()
+    first = asyncio.create_task(batcher.submit("1", 1))
+    await asyncio.sleep(0.02)
+    second = asyncio.create_task(batcher.submit("2", 1))
+    await asyncio.sleep(0.02)
+    second.cancel()
+    await first
+    await asyncio.sleep(0.15)
+    assert batcher.queue_depth == 0 and batcher.running == 0
+    assert [rows for rows, _ in engine.batches] == [[[1]]]
+    await batcher.stop()
+
+
+async def test_with_classifier_engine_matches_direct_classify(tiny_base_dir, peft_adapters, kit) -> None:
+    from transformers import AutoTokenizer
+
+    from service.engine.classifier import ClassifierEngine
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    engine = ClassifierEngine(
+        kit.load_base(tiny_base_dir), tok, object(), num_slots=4, max_rank=16, max_length=16
+    )
+    for slot in (1, 2, 3):
+        engine.load_slot(slot, peft_adapters[slot][1])
+    rng = random.Random(3)
+    requests = [
+        ([kit.random_text(rng, 30) for _ in range(rng.randint(1, 6))], rng.randint(0, 3)) for _ in range(12)
+    ]
+    batcher = ClassifyBatcher(engine, max_batch_size=8, max_batch_tokens=64, max_wait_ms=5)
+    await batcher.start()
+    got = await asyncio.gather(*(batcher.submit(texts, slot) for texts, slot in requests))
+    await batcher.stop()
+    for (texts, slot), out in zip(requests, got, strict=True):
+        want = engine.classify(texts, [slot] * len(texts))
+        assert len(out) == len(want)
+        for a, b in zip(out, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
