@@ -98,7 +98,7 @@ def load_base(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if task == "classification":
-            kwargs = {"num_labels": num_labels} if num_labels else {}
+            kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
             # The base checkpoint has no classifier: seed its random init so every process
             # builds the same slot-0 head.
             with torch.random.fork_rng(devices=[]):

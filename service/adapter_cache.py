@@ -57,7 +57,7 @@ class Lease:
 class AdapterManager:
     def __init__(self, engine, registry, *, base_ids: set[str], base_labels: list[str] | None = None,
                  max_cpu_adapters: int = 128, max_concurrent_loads: int = 2, load_on_demand: bool = True,
-                 metrics=None):
+                 metrics=None, on_residency_change=None):
         self.engine = engine
         self.task: str = engine.task
         self.registry = registry
@@ -66,6 +66,7 @@ class AdapterManager:
         self.max_cpu_adapters = max_cpu_adapters
         self.load_on_demand = load_on_demand
         self.metrics = metrics
+        self._on_residency_change = on_residency_change
         self._free = list(range(engine.num_slots - 1, 0, -1))  # slot 0 is "no adapter"
         self._residents: dict[Key, Resident] = {}
         self._current: dict[str, Key] = {}  # what a plain `name` serves
@@ -310,7 +311,13 @@ class AdapterManager:
         if self.metrics:
             self.metrics.observe_adapter_load(name, tier, time.perf_counter() - started, result)
 
+    def residency(self) -> dict[str, int]:
+        return {"gpu": len(self._residents), "cpu": len(self._host)}
+
+    def running_adapters(self) -> list[str]:
+        """Names with requests in flight (for the vLLM lora_requests_info gauge)."""
+        return sorted({r.name for r in self._residents.values() if r.refs > 0})
+
     def _set_resident_gauges(self) -> None:
-        if self.metrics:
-            self.metrics.set_resident("gpu", len(self._residents), task=self.task)
-            self.metrics.set_resident("cpu", len(self._host), task=self.task)
+        if self._on_residency_change:
+            self._on_residency_change()

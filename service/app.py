@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 from fastapi import FastAPI
 
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
                   description="One base model per task, many hot-swappable LoRA adapters.")
     app.state.ctx = ctx
     install_error_handlers(app)
+    app.add_middleware(RequestMetrics, ctx=ctx)
     app.add_middleware(FormAsJson)
     _install_optional(app)
     app.include_router(health.router)
@@ -63,6 +65,32 @@ class FormAsJson:
             ]
             scope = {**scope, "headers": headers}
         await self.app(scope, receive, send)
+
+
+class RequestMetrics:
+    """Counts every request that named an adapter (handlers put it in `request.state.log_fields`),
+    whatever its outcome, so 4xx/5xx answers are in `loraswap_requests_total` too."""
+
+    def __init__(self, app, ctx: ServiceContext):
+        self.app, self.ctx = app, ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            fields = scope.get("state", {}).get("log_fields") or {}
+            if fields.get("adapter") and fields.get("task") and self.ctx.metrics is not None:
+                self.ctx.metrics.observe_request(fields["adapter"], fields["task"], status[0],
+                                                 time.perf_counter() - started)
 
 
 def _install_optional(app: FastAPI) -> None:

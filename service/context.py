@@ -67,7 +67,27 @@ class ServiceContext:
         return AdapterManager(engine, self.registry, base_ids={self.base_id(engine.task) or ""} - {""},
                               base_labels=labels, max_cpu_adapters=s.max_cpu_adapters,
                               max_concurrent_loads=s.max_concurrent_loads, load_on_demand=s.load_on_demand,
-                              metrics=self.metrics)
+                              metrics=self.metrics, on_residency_change=self._update_residency)
+
+    def _update_residency(self) -> None:
+        totals: dict[str, int] = {}
+        for manager in self.managers.values():
+            for tier, n in manager.residency().items():
+                totals[tier] = totals.get(tier, 0) + n
+        for tier, n in totals.items():
+            self.metrics.set_resident(tier, n)
+
+    def update_engine_gauges(self) -> None:
+        """Refresh the engine gauges; called at scrape time so the hot path does no extra work."""
+        if self.batcher is not None:
+            m = self.managers["classification"]
+            self.metrics.set_engine_state("classification", self.batcher.running, self.batcher.queue_depth,
+                                          running_adapters=m.running_adapters(),
+                                          max_lora=self.classifier.num_slots - 1)
+        if self.generator is not None:
+            m, g = self.managers["generation"], self.generator
+            self.metrics.set_engine_state("generation", g.running, g.waiting, kv_usage=g.kv_cache_usage,
+                                          running_adapters=m.running_adapters(), max_lora=g.num_slots - 1)
 
     async def load(self, ref: str | None = None, path: str | None = None):
         """Load by registry ref or path into the manager of the adapter's task."""
@@ -86,8 +106,7 @@ class ServiceContext:
         return task, await manager.load(ref=ref, path=path)
 
     def _on_classify_batch(self, size: int, distinct: int, queue_wait_s: list[float]) -> None:
-        if self.metrics:
-            self.metrics.observe_batch("classification", size, distinct)
+        self.metrics.observe_batch("classification", size, distinct)
 
     async def stop(self) -> None:
         self.ready = False

@@ -32,7 +32,8 @@ def make_cls_adapter(base_dir: Path, out_dir: Path, *, num_labels: int, r: int =
                      seed: int = 0) -> PeftModel:
     """Save a PEFT SEQ_CLS LoRA adapter with random (non-zero) weights; returns the PEFT model."""
     torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels,
+                                                              ignore_mismatched_sizes=True).eval()
     config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=targets or ALL_LINEARS)
     model = get_peft_model(base, config)
     with torch.no_grad():

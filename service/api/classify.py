@@ -63,6 +63,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         raise APIError(404, "this server has no classification base model", code="task_unavailable")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     _check_limits(texts, ctx.settings)
+    request.state.log_fields = {"adapter": body.adapter, "task": "classification"}
     started = time.perf_counter()
     async with ctx.managers["classification"].lease(body.adapter) as lease:
         try:
@@ -70,8 +71,8 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         except QueueFullError as exc:
             raise APIError(429, f"overloaded: {exc}", headers={"Retry-After": "1"}) from exc
     name = lease.name or body.adapter
-    request.state.log_fields = {"adapter": name, "version": lease.version, "task": "classification",
-                                "compute_ms": round((time.perf_counter() - started) * 1e3, 3)}
+    request.state.log_fields.update(adapter=name, version=lease.version, inputs=len(texts),
+                                    compute_ms=round((time.perf_counter() - started) * 1e3, 3))
     results = []
     for row in logits:
         labels = lease.labels or [f"LABEL_{i}" for i in range(row.shape[-1])]

@@ -26,5 +26,7 @@ async def ready(request: Request) -> dict:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.ctx.metrics.exposition()
+    ctx = request.app.state.ctx
+    ctx.update_engine_gauges()
+    body, content_type = ctx.metrics.exposition(request.headers.get("accept"))
     return Response(body, media_type=content_type)
