@@ -35,7 +35,9 @@ def _no_duplicates(loader, node, deep=False):
     keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
     dupes = {k for k in keys if keys.count(k) > 1}
     if dupes:
-        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {sorted(dupes)}", node.start_mark)
+        raise yaml.constructor.ConstructorError(
+            None, None, f"duplicate keys {sorted(dupes)}", node.start_mark
+        )
     return loader.construct_mapping(node, deep)
 
 
@@ -114,7 +116,9 @@ def exported_metrics():
     """tests/deploy/metric_names.py, loaded by path (test directories are not packages)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("loraswap_metric_names", Path(__file__).with_name("metric_names.py"))
+    spec = importlib.util.spec_from_file_location(
+        "loraswap_metric_names", Path(__file__).with_name("metric_names.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

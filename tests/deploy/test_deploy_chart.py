@@ -58,7 +58,11 @@ def _volume(pod_spec: dict, name: str) -> dict:
 
 def _mount_for(container: dict, path: str) -> dict:
     """The volume mount whose mountPath contains `path`."""
-    matches = [m for m in container["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")]
+    matches = [
+        m
+        for m in container["volumeMounts"]
+        if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")
+    ]
     assert matches, f"{path} is on no volume mount of {container['name']}"
     return max(matches, key=lambda m: len(m["mountPath"]))
 
@@ -83,7 +87,10 @@ def test_helm_lint_strict_is_clean(helm, chart_dir, gpu_values, values_name):
         ({"replicas": 2}, "replicas"),  # a typo of replicaCount: unknown keys are refused
         ({"registry": {"url": "bucket/adapters"}}, "/registry/url"),  # not a URL
         ({"auth": {"keys": [{"scopes": ["infer"]}]}}, "/auth/keys/0"),  # neither key nor key_sha256
-        ({"inferenceExtension": {"objectives": [{"name": "Bad_Name"}]}}, "/inferenceExtension/objectives/0/name"),
+        (
+            {"inferenceExtension": {"objectives": [{"name": "Bad_Name"}]}},
+            "/inferenceExtension/objectives/0/name",
+        ),
     ],
 )
 def test_bad_values_fail_the_schema(helm, chart, chart_dir, bad_values, where):
@@ -171,8 +178,17 @@ def test_strict_validation_is_not_vacuous(default_render):
 
 def test_default_and_gpu_render_the_expected_objects(default_render, gpu_render):
     assert default_render.kinds() == sorted(
-        ["ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim",
-         "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"]
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "NetworkPolicy",
+            "PersistentVolumeClaim",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+        ]
     )
     gpu_kinds = gpu_render.kinds()
     for kind in ("HorizontalPodAutoscaler", "ServiceMonitor", "InferencePool", "Job", "HTTPRoute"):
@@ -251,11 +267,15 @@ def test_existing_secret_and_given_keys(render, gpu_render):
     assert volume["secret"]["secretName"] == "loraswap-api-keys"
 
     digest = "a" * 64
-    rendered = render({"auth": {"keys": [{"key_sha256": digest, "scopes": ["infer"], "adapters": ["support-*"]}]}})
+    rendered = render(
+        {"auth": {"keys": [{"key_sha256": digest, "scopes": ["infer"], "adapters": ["support-*"]}]}}
+    )
     import base64
 
     data = rendered.one("Secret")["data"]["api-keys.json"]
-    assert json.loads(base64.b64decode(data)) == [{"key_sha256": digest, "scopes": ["infer"], "adapters": ["support-*"]}]
+    assert json.loads(base64.b64decode(data)) == [
+        {"key_sha256": digest, "scopes": ["infer"], "adapters": ["support-*"]}
+    ]
 
     off = render({"auth": {"enabled": False}})
     assert "Secret" not in off.kinds()
@@ -388,13 +408,18 @@ def test_inference_extension_objects(gpu_render, gpu_values):
     for objective in objectives.values():
         ref = objective["spec"]["poolRef"]
         assert (ref["group"], ref["kind"], ref["name"]) == (
-            "inference.networking.k8s.io", "InferencePool", pool["metadata"]["name"])
+            "inference.networking.k8s.io",
+            "InferencePool",
+            pool["metadata"]["name"],
+        )
     (rule,) = gpu_render.one("HTTPRoute")["spec"]["rules"]
     assert rule["backendRefs"][0]["name"] == pool["metadata"]["name"]
 
 
 def test_dashboard_config_map(default_render, chart_dir):
-    (dashboard,) = [c for c in default_render.all("ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard")]
+    (dashboard,) = [
+        c for c in default_render.all("ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard")
+    ]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads((chart_dir / "dashboards" / "loraswap.json").read_text())
     assert json.loads(dashboard["data"]["loraswap.json"]) == shipped
