@@ -3,6 +3,7 @@ adapter label cap, thread safety, vLLM gauges as the Gateway API Inference Exten
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -318,3 +319,17 @@ def test_multiprocess_mode_merges_workers(tmp_path):
     assert families["vllm:num_requests_running"].samples[0].value == 7
     assert families["vllm:kv_cache_usage_perc"].samples[0].value == 0.5
     assert not [f for f in families if f.endswith("_created")]
+
+
+def test_matches_the_dashboard_list_of_exported_metrics():
+    """tests/deploy/metric_names.py (the Helm dashboard's list) and this module cannot drift."""
+    path = ROOT / "tests" / "deploy" / "metric_names.py"
+    if not path.exists():
+        pytest.skip("tests/deploy/metric_names.py not present")
+    spec = importlib.util.spec_from_file_location("_dashboard_metric_names", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    families = scrape(record_mixed_traffic(m := Metrics()) and m)
+    exposed = {(f.name + "_total" if f.type == "counter" else f.name): f.type for f in families.values()}
+    assert module.EXPORTED_METRICS == exposed
+    assert set(module.EXPORTED_METRICS) == set(METRIC_NAMES)
