@@ -1,6 +1,7 @@
 """A real `loraswap serve` process on a free 127.0.0.1 port, started and stopped by the test.
 
 Import it as `from live import live_server` (tests/ is on the pytest pythonpath).
+"""
 
 from __future__ import annotations
 
