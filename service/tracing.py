@@ -62,7 +62,7 @@ def setup_tracing(
     endpoint = endpoint or next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
     if enabled is None:
         enabled = bool(endpoint) or exporter is not None
-    if not enabled:
+    if not enabled or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         _tracer = None
         return False
     if not otel_available():
@@ -112,7 +112,7 @@ def _otlp_exporter(endpoint: str | None) -> Any:
     # The exporters read OTEL_EXPORTER_OTLP_* themselves; pass the endpoint only when it came
     # from our settings rather than the environment.
     kwargs = {} if endpoint in (os.environ.get(v) for v in ENDPOINT_VARS) else {"endpoint": endpoint}
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")  # the spec's default
     modules = ["grpc", "http"] if protocol == "grpc" else ["http", "grpc"]
     for kind in modules:
         try:

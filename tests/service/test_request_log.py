@@ -234,6 +234,9 @@ def test_tracing_is_a_noop_without_endpoint(monkeypatch, tracing_off):
     with tracing.span("engine.step", batch=3) as current:
         assert current is None
     assert tracing.current_trace_id() is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert tracing.setup_tracing() is False
 
 
 def test_tracing_is_a_noop_without_opentelemetry(monkeypatch, tracing_off):
