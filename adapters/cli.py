@@ -29,15 +29,21 @@ def _first_positional(argv: list[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
-def build_parser(argv: list[str], debug: bool = False) -> tuple[argparse.ArgumentParser, dict[str, Exception]]:
+def build_parser(
+    argv: list[str], debug: bool = False
+) -> tuple[argparse.ArgumentParser, dict[str, Exception]]:
     """The root parser with every plugin registered (only the named one when argv names a command)."""
-    parser = argparse.ArgumentParser(prog="loraswap", description="Serve one base model with many LoRA adapters.")
+    parser = argparse.ArgumentParser(
+        prog="loraswap", description="Serve one base model with many LoRA adapters."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = _first_positional(argv)
     plugins = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if wanted in plugins:
-        plugins = {wanted: plugins[wanted]}  # `loraswap adapter ...` does not import the server or the trainer
+        plugins = {
+            wanted: plugins[wanted]
+        }  # `loraswap adapter ...` does not import the server or the trainer
     registered: dict[str, Callable[[Any], None]] = {}
     failed: dict[str, Exception] = {}
     for name, entry_point in sorted(plugins.items()):
@@ -144,7 +150,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     weights = read_adapter(args.path, base, max_rank=args.max_rank, max_bytes=args.max_bytes)
     m = weights.manifest
     checked = f"base {args.base}" if base else "no base given: fingerprint and module shapes not checked"
-    print(f"ok: {m.name}@{m.version} ({m.task}, {len(weights.lora)} LoRA modules, {weights.nbytes} bytes; {checked})")
+    print(
+        f"ok: {m.name}@{m.version} ({m.task}, {len(weights.lora)} LoRA modules, {weights.nbytes} bytes; {checked})"
+    )
     return 0
 
 
@@ -198,7 +206,9 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     ref = AdapterRef.parse(args.ref)
     if ref.version is None and ref.alias is None:
         if not args.all:
-            raise LoraswapError(f"refusing to delete every version of {ref.name} without --all (or name a version)")
+            raise LoraswapError(
+                f"refusing to delete every version of {ref.name} without --all (or name a version)"
+            )
         registry.delete(ref.name)
         print(f"deleted {ref.name} (all versions)")
         return 0
@@ -212,7 +222,9 @@ def register_adapter_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `loraswap adapter list|inspect|validate|import|publish|promote|rm`."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--registry", metavar="PATH|URL", help=f"registry root (default: $LORASWAP_REGISTRY, else {DEFAULT_REGISTRY})"
+        "--registry",
+        metavar="PATH|URL",
+        help=f"registry root (default: $LORASWAP_REGISTRY, else {DEFAULT_REGISTRY})",
     )
     adapter = subparsers.add_parser("adapter", help="manage adapters in a registry")
     commands = adapter.add_subparsers(dest="adapter_command", metavar="SUBCOMMAND", required=True)
@@ -227,7 +239,9 @@ def register_adapter_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("validate", parents=[common], help="validate an adapter folder")
     p.add_argument("path", metavar="PATH")
-    p.add_argument("--base", help="base model (name or folder) to check the fingerprint and module shapes against")
+    p.add_argument(
+        "--base", help="base model (name or folder) to check the fingerprint and module shapes against"
+    )
     p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--max-bytes", type=int, default=512 * 2**20)
     p.set_defaults(func=_cmd_validate)
@@ -236,7 +250,9 @@ def register_adapter_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("peft_dir", metavar="PEFT_DIR")
     p.add_argument("--name", required=True)
     p.add_argument("--base", help="base model (default: base_model_name_or_path of adapter_config.json)")
-    p.add_argument("--task", choices=["classification", "generation"], help="default: from the PEFT task_type")
+    p.add_argument(
+        "--task", choices=["classification", "generation"], help="default: from the PEFT task_type"
+    )
     p.add_argument("--no-publish", action="store_true", help="only write loraswap.json into PEFT_DIR")
     p.set_defaults(func=_cmd_import)
 

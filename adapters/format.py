@@ -122,7 +122,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterValidationError(f"{CONFIG_FILE}: expected a JSON object")
     if config.get("peft_type") != "LORA":
-        raise AdapterValidationError(f"{CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not supported (LORA only)")
+        raise AdapterValidationError(
+            f"{CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not supported (LORA only)"
+        )
     for key, reason in UNSUPPORTED_OPTIONS.items():
         if config.get(key):
             raise AdapterValidationError(f"{CONFIG_FILE}: {reason}")
@@ -130,7 +132,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise AdapterValidationError(f"{CONFIG_FILE}: bias={config['bias']!r} is not supported (only 'none')")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise AdapterValidationError(f"{CONFIG_FILE}: init_lora_weights={init!r} changes the base weights; not supported")
+        raise AdapterValidationError(
+            f"{CONFIG_FILE}: init_lora_weights={init!r} changes the base weights; not supported"
+        )
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
         raise AdapterValidationError(f"{CONFIG_FILE}: r must be a positive integer and lora_alpha a number")
@@ -180,7 +184,9 @@ def _load_tensors(folder: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(folder / WEIGHTS_FILE), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterValidationError(f"{WEIGHTS_FILE}: not a valid safetensors file (truncated or corrupt: {exc})") from None
+        raise AdapterValidationError(
+            f"{WEIGHTS_FILE}: not a valid safetensors file (truncated or corrupt: {exc})"
+        ) from None
 
 
 def split_tensors(
@@ -192,19 +198,27 @@ def split_tensors(
     modules_to_save = list(config.get("modules_to_save") or [])
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_PREFIX):
-            raise AdapterValidationError(f"{WEIGHTS_FILE}: unexpected tensor {key!r} (expected {PEFT_PREFIX}...)")
+            raise AdapterValidationError(
+                f"{WEIGHTS_FILE}: unexpected tensor {key!r} (expected {PEFT_PREFIX}...)"
+            )
         rest = key[len(PEFT_PREFIX) :]
         match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", rest)
         if match:
             path = match[1]
             if not _is_target(path, config["target_modules"]):
-                raise AdapterValidationError(f"{WEIGHTS_FILE}: {path} has LoRA weights but is not in target_modules")
+                raise AdapterValidationError(
+                    f"{WEIGHTS_FILE}: {path} has LoRA weights but is not in target_modules"
+                )
             lora.setdefault(_base_path(path, base), {})[match[2]] = tensor
-        elif rest.rsplit(".", 1)[-1] in ("weight", "bias") and _in_modules_to_save(rest.rsplit(".", 1)[0], modules_to_save):
+        elif rest.rsplit(".", 1)[-1] in ("weight", "bias") and _in_modules_to_save(
+            rest.rsplit(".", 1)[0], modules_to_save
+        ):
             module, param = rest.rsplit(".", 1)
             head[f"{_base_path(module, base)}.{param}"] = tensor
         else:
-            raise AdapterValidationError(f"{WEIGHTS_FILE}: unexpected tensor {key!r} (neither LoRA nor modules_to_save)")
+            raise AdapterValidationError(
+                f"{WEIGHTS_FILE}: unexpected tensor {key!r} (neither LoRA nor modules_to_save)"
+            )
     if not lora:
         raise AdapterValidationError(f"{WEIGHTS_FILE}: no LoRA weights found")
     return lora, head
@@ -222,11 +236,17 @@ def output_rows(head: dict[str, Tensor]) -> int:
 
 def _check_dtype(name: str, tensor: Tensor) -> None:
     if tensor.dtype not in FLOAT_DTYPES:
-        raise AdapterValidationError(f"{name}: dtype {tensor.dtype} is not supported (float32/float16/bfloat16)")
+        raise AdapterValidationError(
+            f"{name}: dtype {tensor.dtype} is not supported (float32/float16/bfloat16)"
+        )
 
 
 def _check_lora(
-    lora: dict[str, dict[str, Tensor]], config: dict[str, Any], base: BaseModelInfo | None, max_rank: int, scale: float
+    lora: dict[str, dict[str, Tensor]],
+    config: dict[str, Any],
+    base: BaseModelInfo | None,
+    max_rank: int,
+    scale: float,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     rslora = bool(config.get("use_rslora"))
     out: dict[str, tuple[Tensor, Tensor]] = {}
@@ -237,7 +257,9 @@ def _check_lora(
         for which, t in (("lora_A", a), ("lora_B", b)):
             _check_dtype(f"{path}.{which}", t)
             if t.dim() != 2:
-                raise AdapterValidationError(f"{path}.{which}: expected a 2-D tensor, got shape {list(t.shape)}")
+                raise AdapterValidationError(
+                    f"{path}.{which}: expected a 2-D tensor, got shape {list(t.shape)}"
+                )
         if a.dtype != b.dtype:
             raise AdapterValidationError(f"{path}: lora_A is {a.dtype} but lora_B is {b.dtype}")
         r = int(_pattern_value(config.get("rank_pattern") or {}, path, config["r"]))
@@ -303,7 +325,9 @@ def _check_manifest_vs_config(manifest: Manifest, config: dict[str, Any]) -> Non
         raise AdapterValidationError(f"manifest lora targets/use_rslora disagree with {CONFIG_FILE}")
     task = PEFT_TASKS.get(config.get("task_type") or "")
     if task is not None and task != manifest.task:
-        raise AdapterValidationError(f"manifest task {manifest.task!r} but {CONFIG_FILE} task_type is {config['task_type']!r}")
+        raise AdapterValidationError(
+            f"manifest task {manifest.task!r} but {CONFIG_FILE} task_type is {config['task_type']!r}"
+        )
 
 
 def read_adapter(
@@ -374,7 +398,12 @@ def _labels(src: Path, rows: int) -> list[str]:
 
 
 def import_peft_folder(
-    src: str | Path, name: str, base_model: str, base_info: BaseModelInfo, version: int = 1, task: str | None = None
+    src: str | Path,
+    name: str,
+    base_model: str,
+    base_info: BaseModelInfo,
+    version: int = 1,
+    task: str | None = None,
 ) -> Manifest:
     """Turn a plain PEFT LoRA folder into an adapter version: write its manifest in place, then validate it."""
     src = Path(src)
@@ -404,7 +433,8 @@ def import_peft_folder(
     if task == "classification" and head:
         fields["labels"] = _labels(src, output_rows(head))
         fields["head"] = {
-            k: HeadTensor(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch.")) for k, t in head.items()
+            k: HeadTensor(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+            for k, t in head.items()
         }
     (src / MANIFEST_FILE).unlink(missing_ok=True)
     manifest = write_manifest(src, **fields)

@@ -29,7 +29,9 @@ def validate_alias(alias: str) -> str:
     """An alias is a name that is not all digits (digits mean a version)."""
     validate_name(alias, "alias")
     if alias.isdigit():
-        raise AdapterValidationError(f"invalid alias {alias!r}: an alias cannot be a number (that is a version)")
+        raise AdapterValidationError(
+            f"invalid alias {alias!r}: an alias cannot be a number (that is a version)"
+        )
     return alias
 
 

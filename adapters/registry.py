@@ -24,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from adapters.bases import cache_dir as loraswap_cache_dir
 from adapters.errors import AdapterConflictError, AdapterNotFoundError, LoraswapError, RegistryError
-from adapters.format import sha256_file, validate_adapter
+from adapters.format import validate_adapter
 from adapters.manifest import MANIFEST_FILE, Manifest
 from adapters.ref import AdapterRef, validate_alias, validate_name
 
@@ -247,7 +247,9 @@ class Registry:
                 os.rename(tmp, final)  # atomic; refuses an existing non-empty folder
             except OSError as exc:
                 if os.path.exists(final):
-                    raise AdapterConflictError(f"adapter {manifest.name}@{manifest.version} already exists") from None
+                    raise AdapterConflictError(
+                        f"adapter {manifest.name}@{manifest.version} already exists"
+                    ) from None
                 raise exc
             return
         # Object stores have no directory rename: move the files, the manifest (which makes it visible) last.
@@ -277,7 +279,9 @@ class Registry:
     def set_alias(self, name: str, alias: str, version: int) -> None:
         validate_alias(alias)
         if int(version) not in self.versions(name):
-            raise AdapterNotFoundError(f"cannot point {name}@{alias} at version {version}: {name}@{version} does not exist")
+            raise AdapterNotFoundError(
+                f"cannot point {name}@{alias} at version {version}: {name}@{version} does not exist"
+            )
         aliases = self.aliases(name)
         aliases[alias] = int(version)
         self._write_aliases(name, aliases)
@@ -314,6 +318,8 @@ class Registry:
                 os.rename(path, aside)
                 shutil.rmtree(aside, ignore_errors=True)
             else:
-                for manifest in self.fs.glob(f"{path}/{MANIFEST_FILE}") + self.fs.glob(f"{path}/*/{MANIFEST_FILE}"):
+                for manifest in self.fs.glob(f"{path}/{MANIFEST_FILE}") + self.fs.glob(
+                    f"{path}/*/{MANIFEST_FILE}"
+                ):
                     self.fs.rm_file(manifest)
                 self.fs.rm(path, recursive=True)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+TINY_BERT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100
+)
 
 
 def make_bert_config(**over):
@@ -38,7 +40,9 @@ def load_cls(folder: Path, num_labels: int = 3):
     return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels).eval()
 
 
-def save_peft_adapter(base_folder: Path, out: Path, num_labels: int = 3, seed: int = 1, **lora_kwargs) -> dict:
+def save_peft_adapter(
+    base_folder: Path, out: Path, num_labels: int = 3, seed: int = 1, **lora_kwargs
+) -> dict:
     """Train-free PEFT LoRA (SEQ_CLS) on the tiny base, with non-zero B; returns its saved state dict."""
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.utils import get_peft_model_state_dict
@@ -65,7 +69,9 @@ def helpers():
     import types
 
     return types.SimpleNamespace(
-        make_bert_config=make_bert_config, save_tiny_base=save_tiny_base, load_cls=load_cls,
+        make_bert_config=make_bert_config,
+        save_tiny_base=save_tiny_base,
+        load_cls=load_cls,
         save_peft_adapter=save_peft_adapter,
     )
 

@@ -1,5 +1,4 @@
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +65,11 @@ def test_validate(capsys, reg, adapter_dir, base_folder, other_base_folder):
 def test_refusals_are_one_line_exit_1(capsys, reg, adapter_dir, tmp_path):
     (adapter_dir / "adapter_model.bin").write_bytes(b"x")
     code, out, err = run(capsys, "adapter", "publish", str(adapter_dir))
-    assert code == 1 and err.startswith("error: adapter_model.bin: pickle weights are refused") and "Traceback" not in err
+    assert (
+        code == 1
+        and err.startswith("error: adapter_model.bin: pickle weights are refused")
+        and "Traceback" not in err
+    )
     code, _, err = run(capsys, "adapter", "inspect", "missing")
     assert code == 1 and "not found" in err
     code, _, err = run(capsys, "adapter", "promote", "bad/../name@1")
@@ -99,9 +102,15 @@ def test_console_script_end_to_end(tmp_path, adapter_dir):
     if not script.exists():
         pytest.skip("loraswap console script not installed in this environment")
     reg = tmp_path / "reg"
-    ok = subprocess.run([script, "adapter", "publish", str(adapter_dir), "--registry", str(reg)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [script, "adapter", "publish", str(adapter_dir), "--registry", str(reg)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([script, "adapter", "inspect", "nope", "--registry", str(reg)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [script, "adapter", "inspect", "nope", "--registry", str(reg)], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     usage = subprocess.run([script, "adapter", "rm"], capture_output=True, text=True)
     assert usage.returncode == 2

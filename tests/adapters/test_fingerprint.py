@@ -14,7 +14,9 @@ def test_same_weights_same_fingerprint(base_folder, helpers):
 
 def test_backbone_not_head(base_folder, helpers):
     # AutoModel vs ...ForSequenceClassification (any label count): same backbone, same fingerprint.
-    assert fingerprint(AutoModel.from_pretrained(base_folder)) == fingerprint(helpers.load_cls(base_folder, num_labels=5))
+    assert fingerprint(AutoModel.from_pretrained(base_folder)) == fingerprint(
+        helpers.load_cls(base_folder, num_labels=5)
+    )
 
 
 def test_dtype_does_not_matter(base_folder):
@@ -39,7 +41,9 @@ def test_identical_across_processes(base_folder, helpers):
         "import sys; from transformers import AutoModel; from adapters.fingerprint import fingerprint;"
         "print(fingerprint(AutoModel.from_pretrained(sys.argv[1])))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(base_folder)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(base_folder)], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip().splitlines()[-1] == fingerprint(helpers.load_cls(base_folder))
 
 

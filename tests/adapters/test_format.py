@@ -37,7 +37,12 @@ def test_import_then_read(adapter_dir, base_info, peft_state):
     weights = read_adapter(adapter_dir, base_info)
     assert isinstance(weights, AdapterWeights)
     m = weights.manifest
-    assert (m.name, m.version, m.task, m.labels) == ("sentiment", 1, "classification", ["LABEL_0", "LABEL_1", "LABEL_2"])
+    assert (m.name, m.version, m.task, m.labels) == (
+        "sentiment",
+        1,
+        "classification",
+        ["LABEL_0", "LABEL_1", "LABEL_2"],
+    )
     assert m.base_model.fingerprint == base_info.fingerprint
     assert m.lora.r == 4 and m.lora.alpha == 8 and m.lora.targets == ["query", "value"]
     assert m.head["classifier.weight"].shape == [3, 32]
@@ -80,7 +85,9 @@ def test_adapter_saved_on_bare_backbone_maps_to_base_paths(tmp_path, base_folder
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
-    peft_model = get_peft_model(AutoModel.from_pretrained(base_folder), LoraConfig(r=2, target_modules=["query"]))
+    peft_model = get_peft_model(
+        AutoModel.from_pretrained(base_folder), LoraConfig(r=2, target_modules=["query"])
+    )
     peft_model.save_pretrained(tmp_path / "a")
     gen_info = describe_base(AutoModel.from_pretrained(base_folder), "b", "generation")
     gen_info.modules = base_info.modules  # paths as loaded by AutoModelFor...: bert.encoder...

@@ -27,7 +27,9 @@ def test_valid_names(name):
     assert validate_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "../etc", "a/../b", "Upper", "a" * 200, "-x", ".hidden", "a b", "a..b", "x/y"])
+@pytest.mark.parametrize(
+    "name", ["", "../etc", "a/../b", "Upper", "a" * 200, "-x", ".hidden", "a b", "a..b", "x/y"]
+)
 def test_invalid_names(name):
     with pytest.raises(AdapterValidationError, match="invalid adapter name"):
         validate_name(name)
@@ -78,7 +80,9 @@ def test_manifest_invalid_json(tmp_path):
 
 
 def test_manifest_newer_schema(tmp_path):
-    (tmp_path / "loraswap.json").write_text(json.dumps(_manifest_dict(schema_version=SCHEMA_VERSION + 1, extra=1)))
+    (tmp_path / "loraswap.json").write_text(
+        json.dumps(_manifest_dict(schema_version=SCHEMA_VERSION + 1, extra=1))
+    )
     with pytest.raises(AdapterValidationError, match="newer than this loraswap supports"):
         Manifest.load(tmp_path)
 

@@ -169,7 +169,9 @@ def test_disk_full_during_publish_leaves_nothing(registry, adapter_dir, monkeypa
     with pytest.raises(RegistryError, match="No space left on device"):
         registry.publish(adapter_dir)
     assert _visible(registry) == before
-    assert not [p for p in registry.fs.ls(registry.root, detail=False) if p.rstrip("/").split("/")[-1].startswith(".")]
+    assert not [
+        p for p in registry.fs.ls(registry.root, detail=False) if p.rstrip("/").split("/")[-1].startswith(".")
+    ]
 
 
 def test_sigkill_mid_publish_leaves_no_half_adapter(tmp_path, adapter_dir):
