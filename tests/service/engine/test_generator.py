@@ -1,0 +1,318 @@
+"""Tests for service/engine/generator.py: mixed-adapter continuous batching against HF `generate` + PEFT
+per request (tiny Llama and GPT-2), sampling seeds, stop strings, limits, cancellation, detokenization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from adapters.fingerprint import describe_base
+from adapters.format import import_peft_folder, read_adapter
+from service.engine.generator import Detokenizer, EngineOverloadedError, GeneratorEngine
+from service.engine.sampling import SamplingParams
+
+EOS = 0
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what byte-level BPE vocabularies are made of)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte. Ids 1..127 are ASCII bytes (what the tiny 128-token models emit, so their text is
+    clean); multi-byte characters use ids >= 128 and exercise the detokenizer's boundary handling."""
+    table = _bytes_to_unicode()
+    order = list(range(32, 127)) + list(range(0, 32)) + list(range(127, 256))
+    vocab = {"<eos>": EOS, **{table[b]: i + 1 for i, b in enumerate(order)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # A wide init makes random tiny models produce varied tokens (the default 0.02 repeats one token).
+    if arch == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                             initializer_range=0.2, eos_token_id=EOS, bos_token_id=1, pad_token_id=EOS)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256, initializer_range=0.2,
+                            eos_token_id=EOS, bos_token_id=1, pad_token_id=EOS)
+        model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = None  # the oracle runs to max_new_tokens, as ignore_eos does
+    model.generation_config.pad_token_id = EOS
+    return model.eval()
+
+
+# Distinct ranks, alphas and targets per adapter: every adapter exercises a different slot layout.
+ADAPTERS = {
+    "llama": [(4, 8, ["q_proj", "v_proj"]), (8, 8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+              (2, 4, ["gate_proj", "up_proj", "down_proj"]),
+              (6, 12, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])],
+    "gpt2": [(4, 8, ["c_attn"]), (8, 8, ["c_attn", "c_proj"]), (2, 4, ["c_fc"]), (6, 12, ["c_attn", "c_proj", "c_fc"])],
+}
+
+
+def make_adapters(base: torch.nn.Module, arch: str, work: Path, base_info) -> list[tuple[object, object]]:
+    """Save real PEFT adapters (random A and B) and read them back the way the service does."""
+    out = []
+    for i, (r, alpha, targets) in enumerate(ADAPTERS[arch]):
+        torch.manual_seed(100 + i)
+        cfg = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=targets,
+                         fan_in_fan_out=arch == "gpt2")
+        peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.3)
+        folder = work / f"{arch}-{i}"
+        peft_model.save_pretrained(folder)
+        import_peft_folder(folder, f"a{i}", "tiny", base_info, task="generation")
+        out.append((peft_model, read_adapter(folder, base_info, max_rank=8)))
+    return out
+
+
+def oracle(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+async def collect(engine: GeneratorEngine, prompt: list[int], params: SamplingParams, slot: int = 0):
+    ids, text, reason = [], "", None
+    async for delta in engine.generate(prompt, params, slot):
+        ids += delta.token_ids
+        text += delta.text
+        reason = delta.finish_reason
+    return ids, text, reason
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def arch(request) -> str:
+    return request.param
+
+
+def make_engine(arch: str, **kw) -> tuple[GeneratorEngine, torch.nn.Module]:
+    base = tiny_model(arch)
+    info = describe_base(base, "tiny", "generation")
+    kw = {"num_slots": 6, "max_rank": 8, "max_num_seqs": 4, "max_model_len": 96, **kw}
+    return GeneratorEngine(copy.deepcopy(base), byte_tokenizer(), info, **kw), base
+
+
+async def test_mixed_batch_matches_peft_per_request(arch: str, tmp_path: Path) -> None:
+    engine, base = make_engine(arch)
+    adapters = make_adapters(base, arch, tmp_path, engine.base_info)
+    for slot, (_, weights) in enumerate(adapters, start=1):
+        engine.load_slot(slot, weights)
+    # (slot, prompt length, max_tokens, steps to wait before arriving): more requests than KV rows, so some
+    # wait; late arrivals join while others decode; two requests share slot 1; slot 0 is the plain base.
+    plan = [(1, 7, 12, 0), (0, 3, 9, 0), (2, 15, 14, 0), (3, 1, 6, 0), (4, 22, 10, 2), (1, 5, 11, 5),
+            (0, 30, 8, 9), (4, 2, 13, 12)]
+    rng = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 128, (n,), generator=rng).tolist() for _, n, _, _ in plan]
+
+    async def request(i: int) -> list[int]:
+        slot, _, n, wait_steps = plan[i]
+        while engine.steps < wait_steps:
+            await asyncio.sleep(0.001)
+        ids, _, reason = await collect(engine, prompts[i], greedy(n), slot)
+        assert reason == "length"
+        return ids
+
+    try:
+        got = await asyncio.gather(*(request(i) for i in range(len(plan))))
+    finally:
+        engine.stop()
+    for i, (slot, _, n, _) in enumerate(plan):
+        if slot == 0:
+            want = oracle(base, prompts[i], n)
+        else:
+            want = oracle(adapters[slot - 1][0], prompts[i], n)
+        assert got[i] == want, f"request {i} (slot {slot}) differs from PEFT + HF generate"
+    assert engine.running == 0 and engine.kv_cache_usage == 0.0
+
+
+async def test_seeded_sampling_is_reproducible_across_batches() -> None:
+    engine, _ = make_engine("llama")
+    params = dict(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, ignore_eos=True)
+    try:
+        alone = await collect(engine, [5, 6, 7], SamplingParams(seed=123, **params))
+        crowd = await asyncio.gather(
+            collect(engine, [9, 9], SamplingParams(seed=1, **params)),
+            collect(engine, [5, 6, 7], SamplingParams(seed=123, **params)),
+            collect(engine, [1, 2, 3, 4], greedy(5)),
+        )
+        other = await collect(engine, [5, 6, 7], SamplingParams(seed=124, **params))
+    finally:
+        engine.stop()
+    assert crowd[1][0] == alone[0]
+    assert other[0] != alone[0]
+
+
+async def test_stop_string_across_token_boundaries_and_max_tokens() -> None:
+    engine, _ = make_engine("llama")
+    prompt = [10, 20, 30, 40]
+    try:
+        ids, text, reason = await collect(engine, prompt, greedy(20))
+        assert reason == "length" and len(ids) == 20
+        assert text == engine.tokenizer.decode(ids)
+        stop = text[5:8]  # three one-byte tokens: the stop string spans token boundaries
+        first = text.find(stop)
+        ids2, text2, reason2 = await collect(engine, prompt, greedy(20, stop=[stop, "\x00never"]))
+    finally:
+        engine.stop()
+    assert reason2 == "stop"
+    assert text2 == text[:first]
+    assert ids2 == ids[: len(ids2)] and len(ids2) < 20
+
+
+async def test_eos_finishes_with_stop_and_is_not_in_text() -> None:
+    engine, _ = make_engine("llama")
+    engine.scheduler.eos_token_ids = frozenset(range(128))  # every token is EOS: stop on the first one
+    try:
+        ids, text, reason = await collect(engine, [3, 4], SamplingParams(max_tokens=5, temperature=0))
+    finally:
+        engine.stop()
+    assert reason == "stop" and len(ids) == 1 and text == ""
+
+
+async def test_prompt_longer_than_context_is_refused() -> None:
+    engine, _ = make_engine("gpt2", max_model_len=16)
+    try:
+        with pytest.raises(ValueError, match="context"):
+            await collect(engine, list(range(1, 17)), greedy(2))
+        with pytest.raises(ValueError):
+            await collect(engine, [], greedy(2))
+        # A prompt that fits but leaves less room than max_tokens stops at the context end.
+        ids, _, reason = await collect(engine, list(range(1, 14)), greedy(10))
+        assert reason == "length" and len(ids) == 3
+    finally:
+        engine.stop()
+
+
+async def test_cancel_frees_sequence_within_a_step() -> None:
+    engine, _ = make_engine("llama", max_num_seqs=2, max_model_len=256)
+    try:
+        stream = engine.generate([1, 2, 3], greedy(200))
+        await stream.__anext__()
+        await stream.__anext__()
+        assert engine.running == 1 and engine.kv_cache_usage == 0.5
+        await stream.aclose()  # what a client disconnect does to the handler's iterator
+        steps = engine.steps
+        for _ in range(500):
+            if engine.running == 0:
+                break
+            await asyncio.sleep(0.002)
+        assert engine.running == 0 and engine.kv_cache_usage == 0.0
+        assert engine.steps <= steps + 1
+
+        task = asyncio.create_task(collect(engine, [4, 5], greedy(200)))
+        while engine.running == 0:
+            await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if engine.running == 0:
+                break
+            await asyncio.sleep(0.002)
+        assert engine.running == 0 and engine.waiting == 0
+        # The engine keeps serving after cancellations.
+        ids, _, _ = await collect(engine, [1, 2, 3], greedy(4))
+        assert len(ids) == 4
+    finally:
+        engine.stop()
+
+
+async def test_waiting_queue_bound_raises_overloaded() -> None:
+    engine, _ = make_engine("llama", max_waiting=0)
+    try:
+        with pytest.raises(EngineOverloadedError) as info:
+            await collect(engine, [1, 2], greedy(2))
+        assert info.value.status == 429
+    finally:
+        engine.stop()
+
+
+def test_slot_engine_protocol_and_metrics() -> None:
+    engine, _ = make_engine("gpt2")
+    assert engine.task == "generation" and engine.num_slots == 6 and engine.max_rank == 8
+    assert engine.running == engine.waiting == 0 and engine.kv_cache_usage == 0.0
+    assert engine.running_slots == engine.waiting_slots == []
+    engine.clear_slot(1)
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "emoji 🙂🚀 done", "日本語のテキスト", "a\u00e9\u0301b", "plain"])
+def test_detokenizer_handles_multibyte_boundaries(text: str) -> None:
+    tok = byte_tokenizer()
+    ids = tok(text)["input_ids"]
+    assert len(ids) > len(text) or text == "plain"  # one token per byte: characters split across tokens
+    detok = Detokenizer(tok, [5, 6], [])
+    pieces = []
+    for token in ids:
+        detok.push(token)
+        piece, stopped = detok.take(final=False)
+        assert "\ufffd" not in piece and not stopped
+        pieces.append(piece)
+    detok.flush()
+    pieces.append(detok.take(final=True)[0])
+    assert "".join(pieces) == text
+
+
+def test_detokenizer_holds_back_possible_stop_prefix() -> None:
+    tok = byte_tokenizer()
+    detok = Detokenizer(tok, [5], ["END"])
+    sent = ""
+    for token in tok("abcENxENDzz")["input_ids"]:
+        detok.push(token)
+        piece, stopped = detok.take(final=False)
+        sent += piece
+        assert "abcENx".startswith(sent)  # nothing of the stop string ever leaks out, even partially
+        if stopped:
+            break
+    assert stopped and sent == "abcENx"
+
+
+@pytest.mark.real_model
+async def test_smollm2_matches_hf_generate_and_decodes_text() -> None:
+    from adapters.bases import load_base
+
+    model, tok = load_base("SmolLM2-135M-Instruct", "generation")
+    ref = copy.deepcopy(model)
+    ref.generation_config.eos_token_id = None
+    engine = GeneratorEngine(model, tok, None, num_slots=2, max_rank=8, max_num_seqs=4, max_model_len=256)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in ["What is the capital of France?", "Say hello in Spanish."]]
+    prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompts]
+    try:
+        got = await asyncio.gather(*(collect(engine, p, greedy(12)) for p in prompts))
+    finally:
+        engine.stop()
+    for p, (ids, text, _) in zip(prompts, got):
+        assert ids == oracle(ref, p, 12)
+        assert text == tok.decode(ids, skip_special_tokens=True)
