@@ -121,7 +121,8 @@ class ServiceContext:
 def _make_metrics(s: Settings):
     from service.metrics import Metrics
 
-    return Metrics(max_adapter_labels=s.metrics.max_adapter_labels)
+    bases = [b for b in (s.encoder_base, s.decoder_base) if b]
+    return Metrics(max_adapter_labels=s.metrics.max_adapter_labels, always_labelled=bases)
 
 
 def _base_labels(classifier) -> list[str]:
