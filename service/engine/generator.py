@@ -8,7 +8,8 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +131,9 @@ class GeneratorEngine:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         model = model.to(device=device, dtype=dtype).eval()
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
         if limit:
             max_model_len = min(max_model_len, limit)
         self.model, self.tokenizer, self.base_info = model, tokenizer, base_info
@@ -140,7 +143,13 @@ class GeneratorEngine:
         self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
         dec = decoder_for(model)
         self.kv_cache = KVCache(
-            len(dec.blocks), dec.num_kv_heads, dec.head_dim, max_num_seqs, max_model_len, dtype=dtype, device=device
+            len(dec.blocks),
+            dec.num_kv_heads,
+            dec.head_dim,
+            max_num_seqs,
+            max_model_len,
+            dtype=dtype,
+            device=device,
         )
         self.scheduler = Scheduler(self.kv_cache, max_num_batched_tokens, self._eos_ids(model, tokenizer))
         self.runner = ModelRunner(model, self.kv_cache, self.slots)
@@ -155,7 +164,10 @@ class GeneratorEngine:
     @staticmethod
     def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
         ids: set[int] = set()
-        for source in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+        for source in (
+            getattr(tokenizer, "eos_token_id", None),
+            getattr(model.generation_config, "eos_token_id", None),
+        ):
             if isinstance(source, int):
                 ids.add(source)
             elif source:
@@ -207,7 +219,9 @@ class GeneratorEngine:
             self._thread = None
 
     # --- requests -------------------------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0) -> AsyncIterator[Delta]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, slot: int = 0
+    ) -> AsyncIterator[Delta]:
         """Stream deltas for one request. Raises ValueError (bad prompt/slot) or EngineOverloadedError
         before the first delta; closing/cancelling the iterator frees the sequence within one step."""
         if not 0 <= slot < self.num_slots:

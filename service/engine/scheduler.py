@@ -63,7 +63,9 @@ class Scheduler:
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Append each sequence's new token; finish those that hit EOS, max_tokens or the context end."""
-        live = [(seq, token) for seq, token in zip(seqs, token_ids) if not seq.is_finished]  # not aborted mid-step
+        live = [
+            (seq, token) for seq, token in zip(seqs, token_ids, strict=True) if not seq.is_finished
+        ]  # not aborted mid-step
         # First record every sequence's new cache length: freeing a row below moves another sequence's
         # cache, and the move must include the K/V this step just wrote.
         for seq, token in live:
@@ -73,7 +75,9 @@ class Scheduler:
         for seq, token in live:
             if not seq.params.ignore_eos and token in self.eos_token_ids:
                 self.finish(seq, "stop")
-            elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.kv_cache.max_model_len:
+            elif (
+                seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.kv_cache.max_model_len
+            ):
                 self.finish(seq, "length")
             else:
                 continue

@@ -24,7 +24,11 @@ EOS = 0
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (what byte-level BPE vocabularies are made of)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -32,7 +36,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -51,13 +55,32 @@ def tiny_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     # A wide init makes random tiny models produce varied tokens (the default 0.02 repeats one token).
     if arch == "llama":
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-                             initializer_range=0.2, eos_token_id=EOS, bos_token_id=1, pad_token_id=EOS)
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=256,
+            initializer_range=0.2,
+            eos_token_id=EOS,
+            bos_token_id=1,
+            pad_token_id=EOS,
+        )
         model = LlamaForCausalLM(config)
     else:
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256, initializer_range=0.2,
-                            eos_token_id=EOS, bos_token_id=1, pad_token_id=EOS)
+        config = GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            vocab_size=128,
+            n_positions=256,
+            initializer_range=0.2,
+            eos_token_id=EOS,
+            bos_token_id=1,
+            pad_token_id=EOS,
+        )
         model = GPT2LMHeadModel(config)
     model.generation_config.eos_token_id = None  # the oracle runs to max_new_tokens, as ignore_eos does
     model.generation_config.pad_token_id = EOS
@@ -66,10 +89,18 @@ def tiny_model(arch: str) -> torch.nn.Module:
 
 # Distinct ranks, alphas and targets per adapter: every adapter exercises a different slot layout.
 ADAPTERS = {
-    "llama": [(4, 8, ["q_proj", "v_proj"]), (8, 8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-              (2, 4, ["gate_proj", "up_proj", "down_proj"]),
-              (6, 12, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])],
-    "gpt2": [(4, 8, ["c_attn"]), (8, 8, ["c_attn", "c_proj"]), (2, 4, ["c_fc"]), (6, 12, ["c_attn", "c_proj", "c_fc"])],
+    "llama": [
+        (4, 8, ["q_proj", "v_proj"]),
+        (8, 8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        (2, 4, ["gate_proj", "up_proj", "down_proj"]),
+        (6, 12, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ],
+    "gpt2": [
+        (4, 8, ["c_attn"]),
+        (8, 8, ["c_attn", "c_proj"]),
+        (2, 4, ["c_fc"]),
+        (6, 12, ["c_attn", "c_proj", "c_fc"]),
+    ],
 }
 
 
@@ -78,8 +109,13 @@ def make_adapters(base: torch.nn.Module, arch: str, work: Path, base_info) -> li
     out = []
     for i, (r, alpha, targets) in enumerate(ADAPTERS[arch]):
         torch.manual_seed(100 + i)
-        cfg = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=targets,
-                         fan_in_fan_out=arch == "gpt2")
+        cfg = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=r,
+            lora_alpha=alpha,
+            target_modules=targets,
+            fan_in_fan_out=arch == "gpt2",
+        )
         peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
@@ -95,8 +131,10 @@ def make_adapters(base: torch.nn.Module, arch: str, work: Path, base_info) -> li
 def oracle(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 async def collect(engine: GeneratorEngine, prompt: list[int], params: SamplingParams, slot: int = 0):
@@ -131,8 +169,16 @@ async def test_mixed_batch_matches_peft_per_request(arch: str, tmp_path: Path) -
         engine.load_slot(slot, weights)
     # (slot, prompt length, max_tokens, steps to wait before arriving): more requests than KV rows, so some
     # wait; late arrivals join while others decode; two requests share slot 1; slot 0 is the plain base.
-    plan = [(1, 7, 12, 0), (0, 3, 9, 0), (2, 15, 14, 0), (3, 1, 6, 0), (4, 22, 10, 2), (1, 5, 11, 5),
-            (0, 30, 8, 9), (4, 2, 13, 12)]
+    plan = [
+        (1, 7, 12, 0),
+        (0, 3, 9, 0),
+        (2, 15, 14, 0),
+        (3, 1, 6, 0),
+        (4, 22, 10, 2),
+        (1, 5, 11, 5),
+        (0, 30, 8, 9),
+        (4, 2, 13, 12),
+    ]
     rng = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, 128, (n,), generator=rng).tolist() for _, n, _, _ in plan]
 
@@ -267,7 +313,9 @@ def test_slot_engine_protocol_and_metrics() -> None:
     engine.clear_slot(1)
 
 
-@pytest.mark.parametrize("text", ["héllo wörld", "emoji 🙂🚀 done", "日本語のテキスト", "a\u00e9\u0301b", "plain"])
+@pytest.mark.parametrize(
+    "text", ["héllo wörld", "emoji 🙂🚀 done", "日本語のテキスト", "a\u00e9\u0301b", "plain"]
+)
 def test_detokenizer_handles_multibyte_boundaries(text: str) -> None:
     tok = byte_tokenizer()
     ids = tok(text)["input_ids"]
@@ -306,13 +354,15 @@ async def test_smollm2_matches_hf_generate_and_decodes_text() -> None:
     ref = copy.deepcopy(model)
     ref.generation_config.eos_token_id = None
     engine = GeneratorEngine(model, tok, None, num_slots=2, max_rank=8, max_num_seqs=4, max_model_len=256)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-               for q in ["What is the capital of France?", "Say hello in Spanish."]]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in ["What is the capital of France?", "Say hello in Spanish."]
+    ]
     prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompts]
     try:
         got = await asyncio.gather(*(collect(engine, p, greedy(12)) for p in prompts))
     finally:
         engine.stop()
-    for p, (ids, text, _) in zip(prompts, got):
+    for p, (ids, text, _) in zip(prompts, got, strict=True):
         assert ids == oracle(ref, p, 12)
         assert text == tok.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,383 @@
+"""OpenAI-compatible text generation: POST /v1/completions and /v1/chat/completions (streaming or not).
+`model` names the adapter (`name`, `name@version`, `name@alias`) or the base; the GeneratorEngine runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from service.api.errors import APIError
+from service.engine.generator import Delta, EngineOverloadedError
+from service.engine.sampling import SamplingParams
+
+router = APIRouter(tags=["openai"])
+
+
+# --- request schemas ------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The sampling options both endpoints share (OpenAI names; `top_k` is vLLM's extension)."""
+
+    model: str = Field(..., description="adapter `name`, `name@version`, `name@alias`, or the base model id")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens to generate (default: 16 for completions, the rest of the context for chat)",
+    )
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1 or 0: off")
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stop: str | list[str] | None = Field(
+        None, description="up to 4 strings; the text ends before the first one"
+    )
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="one prompt (text or token ids)"
+    )
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+
+
+# --- response schemas -----------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# --- shared plumbing ------------------------------------------------------------------------------------
+def _engine(request: Request):
+    ctx = request.app.state.ctx
+    if ctx.generator is None or "generation" not in ctx.managers:
+        raise APIError(404, "this server has no generation base model", code="task_unavailable")
+    return ctx, ctx.generator
+
+
+def _params(
+    body: SamplingFields, max_tokens: int | None, prompt_len: int, engine, settings
+) -> SamplingParams:
+    room = engine.max_model_len - prompt_len
+    if room < 1:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens; this model's context is {engine.max_model_len} "
+            "tokens (prompt + at least one generated token)",
+            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and max_tokens > settings.max_tokens:
+        raise APIError(
+            400,
+            f"max_tokens {max_tokens} exceeds this server's limit of {settings.max_tokens}",
+            param="max_tokens",
+        )
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4:
+        raise APIError(400, "at most 4 stop strings", param="stop")
+    # Generation stops at the context end anyway (finish_reason "length"), so clamp instead of refusing.
+    wanted = max_tokens if max_tokens is not None else min(room, settings.max_tokens)
+    return SamplingParams(
+        max_tokens=min(wanted, room),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        stop=stop,
+        seed=body.seed,
+    )
+
+
+def _prompt_ids(body: CompletionRequest, tokenizer, vocab: int) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, "only one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        ids = list(prompt)
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    return ids
+
+
+def _chat_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "the base model has no chat template; use /v1/completions", param="messages")
+    messages = []
+    for m in body.messages:
+        content = m.content
+        if isinstance(content, list):  # content parts: only text is supported
+            if any(p.get("type") != "text" for p in content):
+                raise APIError(400, "only text content parts are supported", param="messages")
+            content = "".join(p.get("text", "") for p in content)
+        messages.append({"role": m.role, "content": content or ""})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template already holds the special tokens (BOS etc.): do not add them twice.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class _Run:
+    """One request on the engine under an adapter lease: started eagerly so that errors that happen before
+    the first token (unknown model, context, overload) are HTTP errors, not a broken stream."""
+
+    def __init__(self, ctx, engine, model: str) -> None:
+        self.ctx, self.engine, self.model = ctx, engine, model
+        self.stack = contextlib.AsyncExitStack()
+        self.first: Delta | None = None
+        self.adapter = model
+        self.started = time.perf_counter()
+
+    async def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        try:
+            lease = await self.stack.enter_async_context(self.ctx.managers["generation"].lease(self.model))
+            self.adapter = lease.name or self.model
+            self.deltas = await self.stack.enter_async_context(
+                contextlib.aclosing(self.engine.generate(prompt_ids, params, lease.slot))
+            )
+            self.first = await self.deltas.__anext__()
+        except EngineOverloadedError as exc:
+            await self.stack.aclose()
+            raise APIError(429, f"overloaded: {exc.message}", headers={"Retry-After": "1"}) from exc
+        except ValueError as exc:
+            await self.stack.aclose()
+            raise APIError(
+                400, str(exc), code="context_length_exceeded" if "context" in str(exc) else None
+            ) from exc
+        except BaseException:
+            await self.stack.aclose()
+            raise
+        self._observe_first(len(prompt_ids))
+
+    def _observe_first(self, prompt_tokens: int) -> None:
+        metrics = self.ctx.metrics
+        now = time.perf_counter()
+        self.last = now
+        if metrics is not None:
+            metrics.observe_ttft(self.adapter, now - self.started)
+            metrics.add_tokens(self.adapter, "prompt", prompt_tokens)
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        """All deltas (the first included); releases the lease and the sequence however iteration ends."""
+        metrics = self.ctx.metrics
+        try:
+            delta = self.first
+            while True:
+                if metrics is not None and delta.token_ids:
+                    metrics.add_tokens(self.adapter, "generated", len(delta.token_ids))
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+                delta = await self.deltas.__anext__()
+                now = time.perf_counter()
+                if metrics is not None:
+                    metrics.observe_itl(self.adapter, now - self.last)
+                self.last = now
+        finally:
+            await self.stack.aclose()
+
+
+def _usage(delta: Delta) -> Usage:
+    return Usage(
+        prompt_tokens=delta.prompt_tokens,
+        completion_tokens=delta.completion_tokens,
+        total_tokens=delta.prompt_tokens + delta.completion_tokens,
+    )
+
+
+def _sse(obj: BaseModel | dict) -> str:
+    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+def _stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """After the first chunk the status is sent: a failure becomes an error event, then [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:  # noqa: BLE001 - reported to the client in the documented error shape
+        yield _sse(
+            {
+                "error": {
+                    "message": f"generation failed: {exc}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
+    yield "data: [DONE]\n\n"
+
+
+# --- endpoints ------------------------------------------------------------------------------------------
+@router.post("/v1/completions", response_model=CompletionResponse)
+async def completions(body: CompletionRequest, request: Request):
+    ctx, engine = _engine(request)
+    prompt_ids = _prompt_ids(body, engine.tokenizer, engine.model.config.vocab_size)
+    params = _params(
+        body, 16 if body.max_tokens is None else body.max_tokens, len(prompt_ids), engine, ctx.settings
+    )
+    run = _Run(ctx, engine, body.model)
+    await run.start(prompt_ids, params)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    if not body.stream:
+        text, last = "", None
+        async for delta in run:
+            text, last = text + delta.text, delta
+        return CompletionResponse(
+            id=rid,
+            created=created,
+            model=body.model,
+            usage=_usage(last),
+            choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
+        )
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        async for delta in run:
+            if delta.text or delta.finish_reason:
+                choice = CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)
+                yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[choice]))
+            if delta.finish_reason and include_usage:
+                yield _sse(
+                    CompletionResponse(
+                        id=rid, created=created, model=body.model, choices=[], usage=_usage(delta)
+                    )
+                )
+
+    return _stream(_with_errors(events()))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    ctx, engine = _engine(request)
+    prompt_ids = _chat_ids(body, engine.tokenizer)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _params(body, max_tokens, len(prompt_ids), engine, ctx.settings)
+    run = _Run(ctx, engine, body.model)
+    await run.start(prompt_ids, params)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    if not body.stream:
+        text, last = "", None
+        async for delta in run:
+            text, last = text + delta.text, delta
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
+        return ChatCompletionResponse(
+            id=rid, created=created, model=body.model, choices=[choice], usage=_usage(last)
+        )
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: ChatDelta, finish: str | None = None, usage: Usage | None = None) -> str:
+        choices = [] if usage is not None else [ChatChunkChoice(delta=delta, finish_reason=finish)]
+        return _sse(
+            ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices, usage=usage)
+        )
+
+    async def events() -> AsyncIterator[str]:
+        yield chunk(ChatDelta(role="assistant", content=""))
+        async for delta in run:
+            if delta.text or delta.finish_reason:
+                yield chunk(ChatDelta(content=delta.text or None), delta.finish_reason)
+            if delta.finish_reason and include_usage:
+                yield chunk(ChatDelta(), usage=_usage(delta))
+
+    return _stream(_with_errors(events()))
