@@ -223,9 +223,11 @@ class AdapterManager:
                 slot = await self._take_slot()
                 try:
                     await asyncio.to_thread(self.engine.load_slot, slot, weights)
-                except BaseException:
+                except BaseException as exc:
                     self._free.append(slot)
                     self._wake_slot_waiters()
+                    if isinstance(exc, ValueError):  # valid adapter this engine cannot serve (e.g. LoRA on a
+                        raise AdapterValidationError(f"{name}@{version}: {exc}") from None  # pooler): 422
                     raise
                 if name in self._disabled:  # unloaded while we were loading: give the slot back
                     self._free.append(slot)

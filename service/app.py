@@ -9,17 +9,20 @@ import contextlib
 import logging
 import time
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from service.api import adapters, classify, health
-from service.api.errors import install_error_handlers
+from service.api import adapters, classify, health, openai
+from service.api.errors import COMMON_ERRORS, error_responses, install_error_handlers
+from service.auth import KeyStore, authenticate, require_infer
 from service.config import Settings, load_settings
 from service.context import ServiceContext
+from service.limits import AdmissionMiddleware, KeyConcurrency
 
 log = logging.getLogger("loraswap.server")
 
 
-def create_app(settings: Settings | None = None, *, classifier=None, generator=None, registry=None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, classifier=None, generator=None, registry=None,
+               auth: KeyStore | None = None) -> FastAPI:
     settings = settings or load_settings()
     ctx = ServiceContext(settings=settings)
 
@@ -35,17 +38,20 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
     app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan,
                   description="One base model per task, many hot-swappable LoRA adapters.")
     app.state.ctx = ctx
+    # Auth (service/auth.py): a bad key configuration refuses to start here, before any model loads.
+    app.state.auth = auth if auth is not None else KeyStore.from_settings(settings)
+    app.state.key_concurrency = KeyConcurrency(settings.max_concurrent_per_key)
     install_error_handlers(app)
+    # Innermost first: admission (body size, drain, timeout, disconnect) sees only real API requests.
+    app.add_middleware(AdmissionMiddleware, ctx=ctx)
     app.add_middleware(RequestMetrics, ctx=ctx)
     app.add_middleware(FormAsJson)
     _install_optional(app)
-    app.include_router(health.router)
-    app.include_router(classify.router)
-    app.include_router(adapters.router)
-    with contextlib.suppress(ImportError):
-        from service.api import openai
-
-        app.include_router(openai.router)
+    # /health, /ready, /metrics are open; everything else needs a key when auth is on (routers add scopes).
+    app.include_router(health.router, responses=error_responses(503))
+    app.include_router(classify.router, dependencies=[Depends(require_infer)], responses=COMMON_ERRORS)
+    app.include_router(adapters.router, dependencies=[Depends(authenticate)], responses=COMMON_ERRORS)
+    app.include_router(openai.router, dependencies=[Depends(require_infer)], responses=COMMON_ERRORS)
     return app
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
 
 from adapters.errors import AdapterNotFoundError
+from service import auth
 from service.api.errors import APIError
 
 router = APIRouter(tags=["adapters"])
@@ -47,15 +48,28 @@ def _registry_view(ctx, name: str) -> dict:
     return {"versions": versions, "aliases": reg.aliases(name)}
 
 
+async def _check_load(request: Request, ref: str | None, path: str | None) -> None:
+    """403 unless the key may manage the adapter being loaded (a path's name is read from its manifest)."""
+    if ref is not None:
+        auth.check_adapter(request, ref)
+    elif path is not None and not auth.allowed(request, "*"):  # a key limited to some adapters: check the name
+        from adapters.manifest import Manifest
+
+        manifest = await asyncio.to_thread(Manifest.load, path)
+        auth.check_adapter(request, manifest.name, param="path")
+
+
 def _resident(ctx) -> dict[str, dict]:
     return {row["name"]: row for m in ctx.managers.values() for row in m.describe()}
 
 
-@router.get("/v1/adapters", summary="Adapters in the registry and their residency")
+@router.get("/v1/adapters", summary="Adapters in the registry and their residency",
+            dependencies=[Depends(auth.require_key)])
 async def list_adapters(request: Request) -> dict:
     ctx = request.app.state.ctx
     resident = _resident(ctx)
     names = sorted(set(await asyncio.to_thread(ctx.registry.names)) | set(resident))
+    names = [n for n in names if auth.allowed(request, n)]
     data = []
     for name in names:
         try:
@@ -67,8 +81,10 @@ async def list_adapters(request: Request) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/adapters/{name}", summary="One adapter: versions, aliases, residency, manifest")
+@router.get("/v1/adapters/{name}", summary="One adapter: versions, aliases, residency, manifest",
+            dependencies=[Depends(auth.require_key)])
 async def get_adapter(name: str, request: Request) -> dict:
+    auth.check_adapter(request, name, param="name")
     ctx = request.app.state.ctx
     resident = _resident(ctx).get(name)
     try:
@@ -82,17 +98,21 @@ async def get_adapter(name: str, request: Request) -> dict:
     return {"name": name, "resident": resident, **reg, "manifest": manifest}
 
 
-@router.post("/v1/adapters", summary="Load or update an adapter from the registry or a path")
+@router.post("/v1/adapters", summary="Load or update an adapter from the registry or a path",
+             dependencies=[Depends(auth.require_admin)])
 async def load_adapter(body: LoadRequest, request: Request) -> dict:
     ctx = request.app.state.ctx
+    await _check_load(request, body.adapter, body.path)
     started = time.perf_counter()
     task, resident = await ctx.load(ref=body.adapter, path=body.path)
     return {"name": resident.name, "version": resident.version, "task": task, "slot": resident.slot,
             "load_ms": round((time.perf_counter() - started) * 1e3, 3)}
 
 
-@router.delete("/v1/adapters/{name}", summary="Unload an adapter (in-flight requests finish)")
+@router.delete("/v1/adapters/{name}", summary="Unload an adapter (in-flight requests finish)",
+               dependencies=[Depends(auth.require_admin)])
 async def unload_adapter(name: str, request: Request) -> dict:
+    auth.check_adapter(request, name, param="name")
     ctx = request.app.state.ctx
     for manager in ctx.managers.values():
         try:
@@ -103,8 +123,10 @@ async def unload_adapter(name: str, request: Request) -> dict:
     raise APIError(404, f"adapter {name!r} is not loaded", code="adapter_not_found")
 
 
-@router.post("/v1/adapters/{name}/aliases", summary="Point an alias (e.g. stable) at a version")
+@router.post("/v1/adapters/{name}/aliases", summary="Point an alias (e.g. stable) at a version",
+             dependencies=[Depends(auth.require_admin)])
 async def set_alias(name: str, body: AliasRequest, request: Request) -> dict:
+    auth.check_adapter(request, name, param="name")
     ctx = request.app.state.ctx
     await asyncio.to_thread(ctx.registry.set_alias, name, body.alias, body.version)
     for manager in ctx.managers.values():
@@ -112,9 +134,11 @@ async def set_alias(name: str, body: AliasRequest, request: Request) -> dict:
     return {"name": name, "aliases": await asyncio.to_thread(ctx.registry.aliases, name)}
 
 
-@router.post("/v1/load_lora_adapter", summary="vLLM-compatible load")
+@router.post("/v1/load_lora_adapter", summary="vLLM-compatible load", dependencies=[Depends(auth.require_admin)])
 async def vllm_load(body: VllmLoadRequest, request: Request) -> dict:
     ctx = request.app.state.ctx
+    auth.check_adapter(request, body.lora_name, param="lora_name")
+    await _check_load(request, None if body.lora_path else body.lora_name, body.lora_path)
     if body.lora_path:
         task, resident = await ctx.load(path=body.lora_path)
     else:
@@ -122,22 +146,28 @@ async def vllm_load(body: VllmLoadRequest, request: Request) -> dict:
     return {"name": resident.name, "version": resident.version, "task": task}
 
 
-@router.post("/v1/unload_lora_adapter", summary="vLLM-compatible unload")
+@router.post("/v1/unload_lora_adapter", summary="vLLM-compatible unload",
+             dependencies=[Depends(auth.require_admin)])
 async def vllm_unload(body: VllmUnloadRequest, request: Request) -> dict:
     return await unload_adapter(body.lora_name, request)
 
 
-@router.get("/v1/models", summary="Base models and adapters (OpenAI list shape)")
+@router.get("/v1/models", summary="Base models and adapters (OpenAI list shape)",
+            dependencies=[Depends(auth.require_key)])
 async def list_models(request: Request) -> dict:
     ctx = request.app.state.ctx
     created = int(time.time())
     data = []
-    for task, manager in sorted(ctx.managers.items()):
+    for task in sorted(ctx.managers):
         base = ctx.base_id(task)
+        if not auth.allowed(request, base):
+            continue
         data.append({"id": base, "object": "model", "created": created, "owned_by": "loraswap", "parent": None,
                      "task": task})
     bases = {task: ctx.base_id(task) for task in ctx.managers}
     for name in await asyncio.to_thread(ctx.registry.names):
+        if not auth.allowed(request, name):
+            continue
         try:
             key = await asyncio.to_thread(ctx.registry.resolve, name)
             manifest = await asyncio.to_thread(ctx.registry.manifest, *key)

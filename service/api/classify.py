@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from adapters.errors import LoraswapError
+from service import auth
 from service.api.errors import APIError
 from service.engine.batcher import QueueFullError
 
 router = APIRouter(tags=["classify"])
+log = logging.getLogger("loraswap.classify")
 
 
 class ClassifyRequest(BaseModel):
@@ -61,15 +66,24 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     ctx = request.app.state.ctx
     if ctx.batcher is None:
         raise APIError(404, "this server has no classification base model", code="task_unavailable")
+    auth.check_adapter(request, body.adapter)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     _check_limits(texts, ctx.settings)
-    request.state.log_fields = {"adapter": body.adapter, "task": "classification"}
+    request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
+                                "adapter": body.adapter, "task": "classification"}
     started = time.perf_counter()
     async with ctx.managers["classification"].lease(body.adapter) as lease:
         try:
             logits = await ctx.batcher.submit(texts, lease.slot)
         except QueueFullError as exc:
             raise APIError(429, f"overloaded: {exc}", headers={"Retry-After": "1"}) from exc
+        except (LoraswapError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # the batch failed (e.g. out of memory): only its requests fail, retryable
+            rid = getattr(request.state, "request_id", None)
+            log.exception("classification batch failed (request_id=%s)", rid)
+            raise APIError(503, f"inference failed in the engine; retry (request id {rid})", code="engine_error",
+                           headers={"Retry-After": "1"}) from exc
     name = lease.name or body.adapter
     request.state.log_fields.update(adapter=name, version=lease.version, inputs=len(texts),
                                     compute_ms=round((time.perf_counter() - started) * 1e3, 3))

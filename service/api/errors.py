@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import LoraswapError
@@ -26,7 +27,45 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The OpenAI error shape every non-2xx answer of the API has."""
+
+    error: ErrorDetail
+
+
+_WHEN = {
+    400: "Bad input (e.g. the body is not JSON)",
+    401: "Missing or unknown API key",
+    403: "The API key lacks the scope or the adapter",
+    404: "Unknown adapter or route",
+    409: "Task mismatch or conflicting version",
+    413: "Body, inputs or characters over the limits",
+    422: "The body does not match the schema, or a refused adapter",
+    429: "Overloaded (queue full or too many concurrent requests for the key); see Retry-After",
+    500: "Internal error (logged with the request id; no internals in the answer)",
+    503: "Not ready, draining, registry unreachable or a transient engine failure",
+    504: "The request did not start answering within request_timeout_s",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """`responses=` for routes: the documented error statuses with the error schema."""
+    return {status: {"model": ErrorBody, "description": _WHEN[status]} for status in statuses}
+
+
+# What every API route may answer besides its success (auth, limits, overload, drain, timeouts).
+COMMON_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 429, 500, 503, 504)
 
 
 class APIError(Exception):

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from service import auth
 from service.api.errors import APIError
 from service.engine.generator import Delta, EngineOverloadedError
 from service.engine.sampling import SamplingParams
@@ -307,6 +308,7 @@ async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
 # --- endpoints ------------------------------------------------------------------------------------------
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, request: Request):
+    auth.check_adapter(request, body.model, param="model")
     ctx, engine = _engine(request)
     prompt_ids = _prompt_ids(body, engine.tokenizer, engine.model.config.vocab_size)
     params = _params(
@@ -347,6 +349,7 @@ async def completions(body: CompletionRequest, request: Request):
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    auth.check_adapter(request, body.model, param="model")
     ctx, engine = _engine(request)
     prompt_ids = _chat_ids(body, engine.tokenizer)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -16,13 +16,13 @@ from pathlib import Path
 import httpx
 import torch
 from factories import tiny_bert_base
+from live import live_server
 from safetensors.torch import save_file
 
 from adapters.bases import load_base
 from adapters.fingerprint import describe_base
 from adapters.format import read_adapter, write_manifest
 from adapters.registry import Registry
-from live import live_server
 
 TEXTS = ["great movie", "dull boring w1 w2", "w5 w6 w7", "loved w9"]
 PERMS = [[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0], [1, 2, 3, 0], [3, 0, 1, 2]]

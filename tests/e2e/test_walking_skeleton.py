@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from live import live_server
 from peft import PeftModel
 
 from adapters.bases import load_base
-from live import live_server
 
 LORASWAP = str(Path(sys.executable).with_name("loraswap"))
 TEXTS = ["I loved this film", "a dull, boring mess", "great movie"]
