@@ -202,6 +202,19 @@ def load_splits(recipe: Recipe) -> Splits:
     )
 
 
+def cap_rows(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """A seeded sample of at most n rows (the same rows for the same data, n and seed)."""
+    if not n or len(ds) <= n:
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def validation_rows(splits: Splits, recipe: Recipe) -> Dataset:
+    """The validation rows used for model selection and the validation report (max_eval_rows caps them for
+    speed); the test split is never capped."""
+    return cap_rows(splits.validation, recipe.max_eval_rows, recipe.seed)
+
+
 def _string_feature():
     from datasets import Value
 

@@ -16,7 +16,7 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
 
 from adapters.errors import LoraswapError
-from training.data import Splits, chat_prompt, tokenize_classification, tokenize_generation
+from training.data import Splits, chat_prompt, tokenize_classification, tokenize_generation, validation_rows
 from training.recipe import Recipe
 
 
@@ -54,7 +54,10 @@ def _eval_trainer(model, tokenizer, recipe: Recipe, trainer: Trainer | None) -> 
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
     )
-    return Trainer(model=model, args=args, data_collator=collator, processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, data_collator=collator, processing_class=tokenizer)
+    if recipe.task == "classification":
+        trainer.model_accepts_loss_kwargs = False  # a per-batch mean loss: see training.train.train
+    return trainer
 
 
 def evaluate_classification(model, tokenizer, recipe: Recipe, data: Dataset, labels: list[str],
@@ -139,7 +142,7 @@ def evaluate_generation(model, tokenizer, recipe: Recipe, data: Dataset,
 def evaluate_splits(model, tokenizer, recipe: Recipe, splits: Splits, trainer: Trainer | None = None) -> dict[str, Any]:
     """Metrics for the validation split and (when present) the test split, keyed by split."""
     out: dict[str, Any] = {}
-    held_out = {"validation": splits.validation} | ({"test": splits.test} if splits.test is not None else {})
+    held_out = {"validation": validation_rows(splits, recipe)} | ({"test": splits.test} if splits.test is not None else {})
     for name, data in held_out.items():
         if recipe.task == "classification":
             out[name] = evaluate_classification(model, tokenizer, recipe, data, splits.labels, trainer)

@@ -68,7 +68,7 @@ class Recipe:
     early_stopping_patience: int = 5  # evaluations without improvement; 0 disables
     metric: str | None = None  # default: accuracy (classification) / loss (generation)
     seed: int = 42
-    max_eval_rows: int | None = None  # cap the validation rows used *during* training (speed)
+    max_eval_rows: int | None = None  # cap the validation rows (model selection + report; speed); test: all
     num_samples: int = 5  # generation: sample replies in the report
     max_new_tokens: int = 160
 

@@ -28,7 +28,7 @@ from transformers import (
 
 from adapters.bases import DEFAULT_DECODER, DEFAULT_ENCODER, load_base
 from adapters.errors import LoraswapError
-from training.data import Splits, load_splits, tokenize_classification, tokenize_generation
+from training.data import Splits, load_splits, tokenize_classification, tokenize_generation, validation_rows
 from training.recipe import Recipe
 
 log = logging.getLogger("loraswap.train")
@@ -219,15 +219,13 @@ def build(recipe: Recipe):
         model.config.problem_type = "single_label_classification"
         model = apply_lora(model, recipe) if recipe.method == "lora" else apply_bitfit(model, recipe)
         train_ds = tokenize_classification(splits.train, tokenizer, recipe, splits.labels)
-        eval_ds = tokenize_classification(splits.validation, tokenizer, recipe, splits.labels)
+        eval_ds = tokenize_classification(validation_rows(splits, recipe), tokenizer, recipe, splits.labels)
     else:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         model = apply_lora(model, recipe)
         train_ds = tokenize_generation(splits.train, tokenizer, recipe)
-        eval_ds = tokenize_generation(splits.validation, tokenizer, recipe)
-    if recipe.max_eval_rows and len(eval_ds) > recipe.max_eval_rows:
-        eval_ds = eval_ds.shuffle(seed=recipe.seed).select(range(recipe.max_eval_rows))
+        eval_ds = tokenize_generation(validation_rows(splits, recipe), tokenizer, recipe)
     return model, tokenizer, splits, train_ds, eval_ds
 
 
@@ -261,6 +259,11 @@ def train(recipe: Recipe) -> TrainResult:
         compute_metrics=classification_metrics if recipe.task == "classification" else None,
         callbacks=callbacks,
     )
+    if recipe.task == "classification":
+        # The classification models return a per-batch mean loss and ignore `num_items_in_batch`, but their
+        # forward takes **kwargs, so the Trainer would treat that loss as token-normalised: it would skip the
+        # division by grad_accum and multiply it by the process count (2x loss, gradients and eval loss).
+        trainer.model_accepts_loss_kwargs = False
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if recipe.resume else None)
     seconds = time.perf_counter() - start
