@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import AdapterConflictError, AdapterNotFoundError, AdapterValidationError, LoraswapError
+from adapters.errors import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+    LoraswapError,
+    RegistryError,
+)
 from adapters.format import AdapterWeights, read_adapter
 from adapters.ref import AdapterRef
 
@@ -254,7 +260,10 @@ class AdapterManager:
 
     def _read_path(self, path: Path) -> AdapterWeights:
         """Validate and read (worker thread); pinned for CUDA engines."""
-        weights = read_adapter(path, self.engine.base_info, max_rank=self.engine.max_rank)
+        try:
+            weights = read_adapter(path, self.engine.base_info, max_rank=self.engine.max_rank)
+        except OSError as exc:  # a file vanished or failed mid-read (version deleted meanwhile, flaky disk)
+            raise RegistryError(f"cannot read adapter files in {path}: {exc.strerror or exc}") from exc
         return pin_weights(weights) if self.pin_memory else weights
 
     def _check_task(self, weights: AdapterWeights) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,12 +16,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from adapters.errors import LoraswapError
 from service import auth
-from service.api.errors import APIError
+from service.api.errors import APIError, ErrorBody
 from service.engine.generator import Delta, EngineOverloadedError
 from service.engine.sampling import SamplingParams
 
 router = APIRouter(tags=["openai"])
+log = logging.getLogger("loraswap.openai")
 
 
 # --- request schemas ------------------------------------------------------------------------------------
@@ -232,6 +235,14 @@ class _Run:
             raise APIError(
                 400, str(exc), code="context_length_exceeded" if "context" in str(exc) else None
             ) from exc
+        except (LoraswapError, APIError):  # unknown adapter, wrong task...: their own status
+            await self.stack.aclose()
+            raise
+        except Exception as exc:  # the engine step failed (e.g. out of memory): only its requests fail, retryable
+            await self.stack.aclose()
+            log.exception("generation failed before the first token")
+            raise APIError(503, "inference failed in the engine; retry", code="engine_error",
+                           headers={"Retry-After": "1"}) from exc
         except BaseException:
             await self.stack.aclose()
             raise
@@ -306,7 +317,34 @@ async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
 
 
 # --- endpoints ------------------------------------------------------------------------------------------
-@router.post("/v1/completions", response_model=CompletionResponse)
+def _inline(model: type[BaseModel]) -> dict:
+    """`model`'s JSON schema with its `$defs` inlined (it is embedded in a media type, not in components)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(schema)
+
+
+def _streamed(chunk: type[BaseModel]) -> dict:
+    """OpenAPI for a 200 that is JSON, or with `stream: true` server-sent events: each event's `data` is a
+    `chunk` as JSON (or an error object after a failure), the last one is `[DONE]`."""
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"anyOf": [_inline(chunk), _inline(ErrorBody)]}}
+    event = {"type": "object", "required": ["data"],
+             "properties": {"event": {"type": "string"}, "data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
+    return {200: {"description": "The completion; with `stream: true` server-sent events ending with "
+                                 "`data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": event}}}}
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_streamed(CompletionResponse))
 async def completions(body: CompletionRequest, request: Request):
     auth.check_adapter(request, body.model, param="model")
     ctx, engine = _engine(request)
@@ -347,7 +385,8 @@ async def completions(body: CompletionRequest, request: Request):
     return _stream(_with_errors(events()))
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses=_streamed(ChatCompletionChunk))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     auth.check_adapter(request, body.model, param="model")
     ctx, engine = _engine(request)

@@ -61,6 +61,7 @@ class ClassifyBatcher:
         self.on_batch = on_batch
         self._pending: deque[_Request] = deque()  # requests with rows not yet in a batch, FIFO
         self._running: set[_Request] = set()
+        self._tokenizing = 0  # admitted requests waiting for (or in) the tokenizer thread: they wait too
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         # One thread owns the model (torch forward passes are not run concurrently); tokenizing has its
@@ -70,8 +71,8 @@ class ClassifyBatcher:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting with no row started yet."""
-        return sum(1 for r in self._pending if not r.started)
+        """Requests waiting with no row started yet (being tokenized or queued for a batch)."""
+        return self._tokenizing + sum(1 for r in self._pending if not r.started)
 
     @property
     def running(self) -> int:
@@ -104,10 +105,15 @@ class ClassifyBatcher:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
-        if len(self._pending) >= self.max_queue:
+        # Requests still waiting for the tokenizer count: under a burst they queue there, not in _pending.
+        if len(self._pending) + self._tokenizing >= self.max_queue:
             raise QueueFullError(f"classification queue is full ({self.max_queue} requests waiting)")
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._token_thread, self.engine.tokenize, texts)
+        self._tokenizing += 1
+        try:
+            rows = await loop.run_in_executor(self._token_thread, self.engine.tokenize, texts)
+        finally:
+            self._tokenizing -= 1
         request = _Request(rows=rows, slot=slot, future=loop.create_future(), results=[None] * len(rows))
         self._pending.append(request)
         self._wakeup.set()

@@ -89,6 +89,27 @@ async def test_queue_full_raises() -> None:
     await batcher.stop()
 
 
+async def test_requests_waiting_for_the_tokenizer_count_towards_the_queue() -> None:
+    """A burst queues in front of the tokenizer thread before it reaches the batch queue: those requests
+    are waiting too, so the burst beyond max_queue is refused at once instead of queueing without bound."""
+
+    class SlowTokenizer(FakeEngine):
+        def tokenize(self, texts):
+            time.sleep(0.05)
+            return super().tokenize(texts)
+
+    batcher = ClassifyBatcher(SlowTokenizer(), max_batch_size=64, max_wait_ms=0, max_queue=3)
+    await batcher.start()
+    burst = [asyncio.create_task(batcher.submit(str(i), 1)) for i in range(1, 9)]
+    await asyncio.sleep(0)  # all eight have entered submit; three are admitted, in or waiting for the tokenizer
+    assert batcher.queue_depth == 3
+    results = await asyncio.gather(*burst, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, QueueFullError)]
+    assert len(refused) == 5 and all(not isinstance(r, BaseException) for r in results[:3]), results
+    assert batcher.queue_depth == 0 and (await batcher.submit("9", 1))[0].tolist() == [1.0, 1.0, 9.0]
+    await batcher.stop()
+
+
 async def test_failing_batch_fails_only_its_requests() -> None:
     engine = FakeEngine(fail_slot=3)
     batcher = ClassifyBatcher(engine, max_batch_size=4, max_wait_ms=1)
