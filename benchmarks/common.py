@@ -1,5 +1,5 @@
 """Shared benchmark helpers: machine description, timing with warm-up and interleaved repetitions,
-and writing results as benchmarks/results/<suite>-<device>-<date>.json + .md.
+and writing results as <benchmarks/results or --out>/<suite>-<device>-<date>.json + .md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def set_threads(device: str, quick: bool) -> None:
+    """CPU: 2 torch threads for full runs; 1 for --quick, which only checks that a suite runs: on a busy
+    2-core machine a second thread makes every op wait at a barrier for a preempted thread (10x slower)."""
+    if device == "cpu":
+        torch.set_num_threads(1 if quick else 2)
+
+
 def machine_info(device: str) -> dict:
+    """What ran the benchmark; each suite adds its dtype and shapes under "setup"."""
     info = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -42,6 +50,15 @@ def machine_info(device: str) -> dict:
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def machine_markdown(m: dict, dtype: str) -> str:
+    """One markdown line naming the machine, for every suite's header."""
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    load = ", ".join(f"{x:.1f}" for x in m["loadavg_at_start"] or ())
+    return (f"- machine: {m['cpu']}, {m['cpu_count']} cores visible{gpu}, torch {m['torch']} "
+            f"({m['torch_threads']} threads), device {m['device']}, {dtype}, "
+            f"load average at start {load}")  # fmt: skip
 
 
 def sync(device: str) -> None:
@@ -77,9 +94,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def write_results(suite: str, device: str, result: dict, markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{suite}-{device}-{dt.date.today().isoformat()}"
+def write_results(
+    suite: str, device: str, result: dict, markdown: str, out_dir: Path | None = None
+) -> tuple[Path, Path]:
+    """<out_dir or benchmarks/results>/<suite>-<device>-<date>.json and .md; returns both paths."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{suite}-{device}-{dt.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(markdown)
     return stem.with_suffix(".json"), stem.with_suffix(".md")

@@ -1,0 +1,242 @@
+"""gen suite: multi-LoRA generation on SmolLM2-135M-Instruct, every case in one run on the same prompts:
+HF `generate` (base model), PEFT `generate(adapter_names=...)` over a batch mixing all adapters, and our
+GeneratorEngine with no adapter and with the requests spread over 8 and 32 adapters.
+
+Every case reports generated tokens/s over the whole job (prefill included), TTFT (request start -> first
+token) and ITL (gap between later tokens). HF and PEFT generate the batch together, so their TTFT is the
+batch prefill; ours start all requests at once and the engine batches them continuously. A second table
+has ours (requests spread over the most adapters) at 1..N concurrent streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.common import (
+    machine_info,
+    machine_markdown,
+    median,
+    percentile,
+    set_threads,
+    time_interleaved,
+)
+
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOPICS = ["a cat", "the sea", "a robot", "winter", "a small town", "music", "trains", "the moon"]
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def _prompts(tokenizer, n: int) -> list[list[int]]:
+    """Chat prompts of different lengths (about 40 to 55 tokens with the chat template)."""
+    out = []
+    for i in range(n):
+        text = f"Write a short story about {TOPICS[i % len(TOPICS)]}." + " Make it vivid and kind." * (i % 4)
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        out.append(tokenizer(chat, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def _base(device: str):
+    """A fresh copy of the base (loading again is faster than deepcopy), generating exactly max_new_tokens."""
+    from adapters.bases import load_base
+
+    model, tokenizer = load_base(MODEL, "generation", device=device)
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+def _peft(base, n_adapters: int, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEARS)
+    model = get_peft_model(base, cfg, adapter_name="a0")
+    for i in range(1, n_adapters):
+        model.add_adapter(f"a{i}", cfg)
+    with torch.no_grad():  # PEFT inits B to zero; random B makes every adapter do real, distinct work
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def _adapter_weights(peft_model, name: str, scale: float) -> SimpleNamespace:
+    """The AdapterWeights fields (.lora, .scale) of one PEFT adapter, read from the live PEFT model."""
+    lora: dict[str, list] = {}
+    for key, p in peft_model.named_parameters():
+        key = key.removeprefix("base_model.model.")
+        for part in ("lora_A", "lora_B"):
+            tag = f".{part}.{name}.weight"
+            if key.endswith(tag):
+                lora.setdefault(key[: -len(tag)], [None, None])[part == "lora_B"] = p.detach().cpu()
+    return SimpleNamespace(scale=scale, lora={k: tuple(v) for k, v in lora.items()})
+
+
+class _Timings:
+    """TTFT and ITL samples of one case, over all its repetitions."""
+
+    def __init__(self) -> None:
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+
+    def add(self, start: float, stamps: list[float]) -> None:
+        """`stamps`: when each token (or each step's tokens) arrived."""
+        self.ttft.append(stamps[0] - start)
+        self.itl.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+
+
+def _engine_job(engine, prompts: list[list[int]], slots: list[int], new_tokens: int, timings: _Timings):
+    """All requests at once through the engine's async API, as the server would submit them."""
+    from service.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+
+    async def one(prompt: list[int], slot: int) -> int:
+        start, stamps, n = time.perf_counter(), [], 0
+        async for delta in engine.generate(prompt, params, slot):
+            stamps.extend([time.perf_counter()] * len(delta.token_ids))
+            n += len(delta.token_ids)
+        timings.add(start, stamps)
+        return n
+
+    async def all_requests() -> None:
+        counts = await asyncio.gather(*(one(p, s) for p, s in zip(prompts, slots, strict=True)))
+        assert sum(counts) == len(prompts) * new_tokens, counts
+
+    return lambda: asyncio.run(all_requests())
+
+
+def _hf_job(model, tokenizer, prompts, new_tokens: int, device: str, timings: _Timings, adapter_names=None):
+    """Batched HF generate over the same prompts, left-padded (what HF needs for batched decoding).
+    A streamer stamps every decoding step: its first call is the prompt, then one per generated token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    kw = {"adapter_names": adapter_names} if adapter_names else {}
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def put(self, value) -> None:
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def job() -> None:
+        clock, start = Clock(), time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                                 streamer=clock, **kw)  # fmt: skip
+        assert out.shape[1] == width + new_tokens
+        timings.add(start, clock.stamps[1:])  # stamps[0] is the prompt itself
+
+    return job
+
+
+def _latency(engine, prompts: list[list[int]], slots: list[int], streams: int, new_tokens: int) -> dict:
+    """TTFT and ITL seen by `streams` concurrent clients (arriving together), ours only."""
+    timings = _Timings()
+    start = time.perf_counter()
+    picks = [i % len(prompts) for i in range(streams)]
+    used = [slots[i] for i in picks]
+    _engine_job(engine, [prompts[i] for i in picks], used, new_tokens, timings)()
+    wall = time.perf_counter() - start
+    return {"case": f"ours_streams_{streams}", "streams": streams, "adapters": len(set(used)),
+            "tokens_per_s": streams * new_tokens / wall, **_stats(timings)}  # fmt: skip
+
+
+def _stats(t: _Timings) -> dict:
+    ms = lambda values, q: 1e3 * percentile(values, q)  # noqa: E731
+    return {"ttft_p50_ms": ms(t.ttft, 50), "ttft_p99_ms": ms(t.ttft, 99),
+            "itl_p50_ms": ms(t.itl, 50), "itl_p99_ms": ms(t.itl, 99)}  # fmt: skip
+
+
+def run(device: str, quick: bool) -> tuple[dict, str]:
+    from service.engine.generator import GeneratorEngine
+
+    set_threads(device, quick)
+    machine = machine_info(device)
+    # --quick only checks that the suite runs: 4 requests x 4 tokens, 2 and 4 adapters.
+    n_req, counts, rank, new_tokens = (4, (2, 4), 8, 4) if quick else (32, (8, 32), 16, 64)
+    reps, streams = (1, [1]) if quick else (2, [1, 8, 32])
+    most = max(counts)
+    base, tok = _base(device)
+    prompts = _prompts(tok, n_req)
+    peft_model = _peft(_base(device)[0], most, rank)
+    engine = GeneratorEngine(_base(device)[0], tok, None, num_slots=most + 1, max_rank=rank,
+                             max_num_seqs=n_req, max_model_len=256, device=device)  # fmt: skip
+    for slot in range(1, most + 1):
+        engine.load_slot(slot, _adapter_weights(peft_model, f"a{slot - 1}", 2.0))
+    spread = {k: [1 + i % k for i in range(n_req)] for k in counts}
+    jobs = {  # name -> (distinct adapters in the batch, job factory given the case's _Timings)
+        "hf_generate": (0, lambda t: _hf_job(base, tok, prompts, new_tokens, device, t)),
+        f"peft_mixed_{most}": (most, lambda t: _hf_job(peft_model, tok, prompts, new_tokens, device, t,
+                                                       [f"a{s - 1}" for s in spread[most]])),
+        "ours_base": (0, lambda t: _engine_job(engine, prompts, [0] * n_req, new_tokens, t)),
+        **{f"ours_mixed_{k}": (k, lambda t, k=k: _engine_job(engine, prompts, spread[k], new_tokens, t))
+           for k in counts},
+    }  # fmt: skip
+    timings = {name: _Timings() for name in jobs}
+    cases = {name: make(timings[name]) for name, (_, make) in jobs.items()}
+    started = time.perf_counter()
+    _engine_job(engine, prompts[:2], [0, 1], 2, _Timings())()  # warm-up: engine thread, kernels
+    times = time_interleaved(cases, warmup=0, reps=reps, device=device)
+    rows = []
+    for name, ts in times.items():
+        rows.append({"case": name, "adapters": jobs[name][0], "tokens_per_s": n_req * new_tokens / median(ts),
+                     "median_s": median(ts), **_stats(timings[name]), "times_s": ts})  # fmt: skip
+    latency = [_latency(engine, prompts, spread[most], s, new_tokens) for s in streams]
+    engine.stop()
+    tps = {r["case"]: r["tokens_per_s"] for r in rows}
+    ratios = {
+        f"ours_mixed_{most}_vs_ours_base": tps[f"ours_mixed_{most}"] / tps["ours_base"],
+        "ours_base_vs_hf_generate": tps["ours_base"] / tps["hf_generate"],
+        f"ours_mixed_{most}_vs_peft_mixed_{most}": tps[f"ours_mixed_{most}"] / tps[f"peft_mixed_{most}"],
+    }
+    result = {
+        "suite": "gen",
+        "quick": quick,
+        "machine": machine,
+        "setup": {"model": f"{MODEL} (embedded, dequantized)", "dtype": "float32", "requests": n_req,
+                  "adapter_counts": list(counts), "rank": rank, "targets": ALL_LINEARS,
+                  "new_tokens": new_tokens, "prompt_tokens": list(map(len, prompts)), "reps": reps,
+                  "decoding": "greedy, EOS ignored"},
+        "cases": rows,
+        "ratios": ratios,
+        "latency_streams": latency,
+        "wall_s": time.perf_counter() - started,
+    }  # fmt: skip
+    return result, _markdown(result)
+
+
+def _markdown(r: dict) -> str:
+    s = r["setup"]
+    lines = [
+        f"# gen suite ({r['machine']['device']}, {'quick' if r['quick'] else 'full'})",
+        "",
+        machine_markdown(r["machine"], s["dtype"]),
+        f"- shapes: {s['model']}, {s['requests']} requests x {s['new_tokens']} new tokens ({s['decoding']}), "
+        f"prompts {min(s['prompt_tokens'])}-{max(s['prompt_tokens'])} tokens, adapters r={s['rank']} on "
+        f"{', '.join(s['targets'])}; median of {s['reps']} interleaved reps",
+        "",
+        "| case | adapters | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for c in [*r["cases"], *r["latency_streams"]]:
+        lines.append(f"| {c['case']} | {c['adapters']} | {c['tokens_per_s']:.1f} | "
+                     f"{c['ttft_p50_ms']:.0f} / {c['ttft_p99_ms']:.0f} | "
+                     f"{c['itl_p50_ms']:.1f} / {c['itl_p99_ms']:.1f} |")  # fmt: skip
+    lines += ["", "| ratio (tokens/s) | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
+    return "\n".join(lines) + "\n"

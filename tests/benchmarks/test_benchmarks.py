@@ -1,0 +1,84 @@
+"""`python -m benchmarks run --suite all --quick` end to end, in a subprocess writing into tmp_path: every
+suite writes a JSON (machine info, dtype, the expected cases with numeric fields) and a markdown table.
+It checks the shape of the output, never the speed (--quick numbers mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# --quick is about 35 s of CPU time in all; on a 2-core machine shared with training jobs and other test
+# runs it has taken over 10 minutes of wall time, so the timeout only catches a hang.
+TIMEOUT_S = 1200
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.timeout(TIMEOUT_S + 60)]
+
+# Case names of a --quick run (it uses fewer adapters than a full run: 4 instead of 32, 10 resident
+# instead of 100), every suite reporting ours next to its references.
+EXPECTED = {
+    "cls": {"hf_base", "peft_one_adapter", "peft_mixed_batch", "peft_forward_per_adapter", "ours_0_adapters",
+            "ours_1_adapters", "ours_4_adapters", "hf_base_batch1", "peft_batch1_adapter",
+            "ours_batch1_no_adapter", "ours_batch1_adapter"},
+    "gen": {"hf_generate", "peft_mixed_4", "ours_base", "ours_mixed_2", "ours_mixed_4", "ours_streams_1"},
+    "load": {"read_adapter", "ours_load_to_first_answer_1_resident", "ours_load_to_first_answer_10_resident",
+             "ours_load_response_1_resident", "peft_load_adapter_1_resident", "peft_load_adapter_10_resident",
+             "peft_load_to_first_answer_1_resident", "peft_load_to_first_answer_10_resident", "churn"},
+    "server": {"http_concurrency_1", "http_concurrency_16", "http_concurrency_64", "engine_raw"},
+}  # fmt: skip
+
+
+def _rows(obj) -> list[dict]:
+    """Every dict with a "case" key anywhere in a result."""
+    if isinstance(obj, dict):
+        own = [obj] if "case" in obj else []
+        return own + [row for value in obj.values() for row in _rows(value)]
+    if isinstance(obj, list):
+        return [row for value in obj for row in _rows(value)]
+    return []
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_all_suites_quick(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "benchmarks", "run", "--suite", "all", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    written = [
+        Path(line.removeprefix("wrote ")) for line in proc.stderr.splitlines() if line.startswith("wrote ")
+    ]
+    assert len(written) == 2 * len(EXPECTED) and all(p.parent == tmp_path for p in written), written
+
+    for suite, expected in EXPECTED.items():
+        [json_path] = tmp_path.glob(f"{suite}-cpu-*.json")
+        [md_path] = tmp_path.glob(f"{suite}-cpu-*.md")
+        result = json.loads(json_path.read_text())
+        assert result["suite"] == suite and result["quick"] is True
+        machine = result["machine"]
+        assert (
+            machine["cpu"] and machine["cpu_count"] >= 1 and machine["torch"] and machine["device"] == "cpu"
+        )
+        assert _is_number(machine["torch_threads"]) and result["setup"]["dtype"] == "float32"
+        assert all(_is_number(v) for v in result["elapsed"].values())
+
+        rows = {row["case"]: row for row in _rows(result)}
+        assert expected <= set(rows), f"{suite}: missing cases {sorted(expected - set(rows))}"
+        for name in expected:
+            fields = {k: v for k, v in rows[name].items() if k != "case"}
+            numbers = [v for v in fields.values() if not isinstance(v, list)]
+            assert numbers and all(_is_number(v) for v in numbers), f"{suite}.{name}: {fields}"
+            assert all(_is_number(x) for v in fields.values() if isinstance(v, list) for x in v), name
+
+        lines = md_path.read_text().splitlines()
+        assert lines[0].startswith(f"# {suite} ") and any(line.startswith("- machine: ") for line in lines)
+        table = [i for i, line in enumerate(lines) if line.startswith("|---")]
+        assert table and lines[table[0] - 1].startswith("| case |"), f"{suite}: no results table"
+        assert lines[table[0] + 1].startswith("| "), f"{suite}: empty results table"
