@@ -416,19 +416,12 @@ def import_peft_folder(
         raise AdapterValidationError(f"{WEIGHTS_FILE} is missing from {src}")
     task = task or PEFT_TASKS.get(config.get("task_type") or "") or base_info.task
     _, head = split_tensors(_load_tensors(src), config, base_info)
-    targets = config["target_modules"]
     fields: dict[str, Any] = dict(
         name=name,
         version=version,
         task=task,
         base_model={"name": base_model, "fingerprint": base_info.fingerprint},
-        lora=LoraInfo(
-            r=config["r"],
-            alpha=config["lora_alpha"],
-            targets=sorted(targets) if isinstance(targets, list) else [targets],
-            dropout=config.get("lora_dropout") or 0.0,
-            use_rslora=bool(config.get("use_rslora")),
-        ),
+        lora=LoraInfo.from_peft_config(config),
     )
     if task == "classification" and head:
         fields["labels"] = _labels(src, output_rows(head))

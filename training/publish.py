@@ -37,19 +37,12 @@ def manifest_fields(folder: Path, *, name: str, version: int, task: str, base_in
     config = json.loads((folder / CONFIG_FILE).read_text())
     # The head as the validator sees it (same key mapping as adapters/format.py), not as we think we saved it.
     _, head = split_tensors(load_file(str(folder / WEIGHTS_FILE)), config, base_info)
-    targets = config["target_modules"]
     fields: dict[str, Any] = dict(
         name=name,
         version=version,
         task=task,
         base_model={"name": base_info.name, "fingerprint": base_info.fingerprint},
-        lora=LoraInfo(
-            r=config["r"],
-            alpha=config["lora_alpha"],
-            targets=sorted(targets) if isinstance(targets, list) else [targets],
-            dropout=config.get("lora_dropout") or 0.0,
-            use_rslora=bool(config.get("use_rslora")),
-        ),
+        lora=LoraInfo.from_peft_config(config),
         metrics=metrics,
         dataset=dataset,
         training=training,
