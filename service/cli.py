@@ -44,6 +44,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("authentication is off (no API keys configured); serving %s", settings.host)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False,  # service.request_log writes one JSON line per request
+                            timeout_keep_alive=int(settings.keep_alive_s),
                             timeout_graceful_shutdown=max(1, int(settings.grace_period_s)))
     DrainingServer(config, app.state.ctx, settings.grace_period_s).run()
     return 0

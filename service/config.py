@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_concurrent_per_key: int = Field(64, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     grace_period_s: float = Field(30.0, ge=0, description="drain time on SIGTERM")
+    # Longer than the idle timeout of clients and load balancers (often 60 s): a server that closes an idle
+    # connection first races a request the client is already sending on it, which then fails unanswered.
+    keep_alive_s: float = Field(75.0, gt=0, description="idle HTTP keep-alive before the server closes")
 
     # Auth (see service/auth.py).
     api_keys: str | None = Field(None, description="JSON list of key entries")
