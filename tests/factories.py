@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
+    PreTrainedTokenizerFast,
 )
 
 WORDS = [f"w{i}" for i in range(95)] + ["great", "movie", "dull", "boring", "loved"]
@@ -73,3 +75,30 @@ def peft_logits(model: PeftModel, tokenizer, texts: list[str]) -> list[torch.Ten
             enc = tokenizer(text, return_tensors="pt")
             out.append(model(**enc).logits[0])
     return out
+
+
+# A byte-level tokenizer for tiny decoder tests (no vocab download): EOS id and a minimal chat template.
+EOS = 0
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte, printable ASCII first (ids 1..95), so the 128-token model's text is ASCII."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b], extra = chr(256 + extra), extra + 1
+    order = list(range(32, 127)) + list(range(0, 32)) + list(range(127, 256))
+    vocab = {"<eos>": EOS, **{table[b]: i + 1 for i, b in enumerate(order)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

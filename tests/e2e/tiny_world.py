@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from factories import publish_cls_adapter, tiny_bert_base
+from factories import EOS, byte_tokenizer, publish_cls_adapter, tiny_bert_base
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters.bases import load_base
 from adapters.fingerprint import describe_base
@@ -30,30 +29,8 @@ from adapters.format import import_peft_folder
 from adapters.registry import Registry
 from service.config import Settings
 
-EOS = 0
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 CLS_ADAPTERS = {"sentiment": 2, "intent": 3, "topic": 4, "spam": 2}  # name -> labels
 GEN_ADAPTERS = {"alpha": ["q_proj", "v_proj"], "beta": ["o_proj", "down_proj"]}
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte (printable ASCII first, ids 1..95), EOS = 0, with a chat template."""
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b], extra = chr(256 + extra), extra + 1
-    order = list(range(32, 127)) + list(range(0, 32)) + list(range(127, 256))
-    vocab = {"<eos>": EOS, **{table[b]: i + 1 for i, b in enumerate(order)}}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def tiny_llama_base(folder: Path) -> Path:

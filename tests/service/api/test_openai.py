@@ -14,9 +14,9 @@ import openai
 import pytest
 import torch
 import uvicorn
+from factories import EOS, byte_tokenizer
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters.fingerprint import describe_base
 from adapters.format import import_peft_folder
@@ -26,30 +26,6 @@ from service.config import Settings
 from service.engine.generator import GeneratorEngine
 
 BASE_ID = "tiny-llama"
-EOS = 0
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte, printable ASCII first (ids 1..95), so the 128-token model's text is ASCII."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b], extra = chr(256 + extra), extra + 1
-    order = list(range(32, 127)) + list(range(0, 32)) + list(range(127, 256))
-    vocab = {"<eos>": EOS, **{table[b]: i + 1 for i, b in enumerate(order)}}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def tiny_llama() -> LlamaForCausalLM:
