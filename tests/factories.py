@@ -102,3 +102,16 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def openai_error(resp, status: int, code: str | None = None) -> dict:
+    """Assert `resp` is the documented error: `status`, body `{"error": {message, type, param, code}}`, the
+    expected `code` when given, and a Bearer challenge on 401/403. Returns the error object."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    if code:
+        assert body["error"]["code"] == code, body
+    if status in (401, 403):
+        assert resp.headers["www-authenticate"].startswith("Bearer"), resp.headers
+    return body["error"]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from factories import openai_error as _error
 from factories import publish_cls_adapter, tiny_bert_base
 from fastapi.testclient import TestClient
 
@@ -51,15 +52,6 @@ def world(tmp_path_factory):
 def client(world):
     with TestClient(create_app(world[0])) as c:
         yield c
-
-
-def _error(resp, status):
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    if status in (401, 403):
-        assert resp.headers["www-authenticate"].startswith("Bearer"), resp.headers
-    return body["error"]
 
 
 # ---- configuration --------------------------------------------------------------------------------------

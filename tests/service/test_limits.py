@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import uvicorn
+from factories import openai_error as _error
 from factories import publish_cls_adapter, tiny_bert_base
 from fastapi.testclient import TestClient
 
@@ -30,15 +31,6 @@ def world(tmp_path_factory):
     publish_cls_adapter(Registry(root / "registry"), base_dir, root / "work", "sentiment", num_labels=2, seed=1)
     return Settings(registry=str(root / "registry"), encoder_base=str(base_dir), decoder_base="",
                     watch_interval_s=0, max_gpu_adapters=4, max_body_bytes=2048)
-
-
-def _error(resp, status, code=None):
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    if code:
-        assert err["code"] == code, err
-    return err
 
 
 class Gate:

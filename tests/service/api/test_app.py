@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import openai_error as _error
 from factories import peft_logits, publish_cls_adapter, tiny_bert_base
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,13 +37,6 @@ def world(tmp_path_factory):
 def client(world):
     with TestClient(create_app(world[0])) as c:
         yield c
-
-
-def _error(resp, status):
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
 
 
 def test_classify_equals_peft_per_adapter(client, world):
