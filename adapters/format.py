@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
 from adapters.errors import AdapterConflictError, AdapterValidationError
@@ -107,8 +107,12 @@ def _check_files(folder: Path, manifest: Manifest, max_bytes: int) -> None:
     if total > max_bytes:
         raise AdapterValidationError(f"adapter is too large: {total} bytes > limit {max_bytes}")
     for rel, expected in manifest.files.items():
-        if sha256_file(folder / rel) != expected:
-            raise AdapterValidationError(f"{rel}: sha256 does not match the manifest (corrupt or modified)")
+        if rel != WEIGHTS_FILE and sha256_file(folder / rel) != expected:  # weights: see _load_tensors
+            _sha_mismatch(rel)
+
+
+def _sha_mismatch(rel: str) -> None:
+    raise AdapterValidationError(f"{rel}: sha256 does not match the manifest (corrupt or modified)")
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -180,9 +184,15 @@ def _base_path(path: str, base: BaseModelInfo | None) -> str:
     return found[0] if len(found) == 1 else path
 
 
-def _load_tensors(folder: Path) -> dict[str, Tensor]:
+def _load_tensors(folder: Path, expected_sha256: str | None = None) -> dict[str, Tensor]:
+    """Read the weights once: the bytes that are hashed are the bytes that are loaded (no window for the
+    file to change between the check and the load, and one read instead of two on the load path).
+    `expected_sha256` None: no manifest yet (import), nothing to check against."""
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        _sha_mismatch(WEIGHTS_FILE)
     try:
-        return load_file(str(folder / WEIGHTS_FILE), device="cpu")
+        return load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterValidationError(
             f"{WEIGHTS_FILE}: not a valid safetensors file (truncated or corrupt: {exc})"
@@ -357,7 +367,7 @@ def read_adapter(
     _check_files(folder, manifest, max_bytes)
     config = _read_config(folder)
     _check_manifest_vs_config(manifest, config)
-    tensors = _load_tensors(folder)
+    tensors = _load_tensors(folder, manifest.files[WEIGHTS_FILE])
     lora_parts, head = split_tensors(tensors, config, base)
     scale = _scale(float(config["lora_alpha"]), int(config["r"]), bool(config.get("use_rslora")))
     lora = _check_lora(lora_parts, config, base, max_rank, scale)

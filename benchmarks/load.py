@@ -84,11 +84,11 @@ def _read_parts(folder: Path, info) -> dict[str, float]:
     t["manifest"] = time.perf_counter() - s
     s = time.perf_counter()
     f._check_files(folder, manifest, 512 * 2**20)
-    t["hash_files"] = time.perf_counter() - s
-    s = time.perf_counter()
     config = f._read_config(folder)
-    tensors = f._load_tensors(folder)
-    t["safetensors_read"] = time.perf_counter() - s
+    t["file_checks"] = time.perf_counter() - s  # listing, sizes, sha256 of every file but the weights
+    s = time.perf_counter()
+    tensors = f._load_tensors(folder, manifest.files[f.WEIGHTS_FILE])
+    t["weights_read_hash_load"] = time.perf_counter() - s
     s = time.perf_counter()
     lora, head = f.split_tensors(tensors, config, info)
     f._check_lora(lora, config, info, 64, 2.0)
@@ -110,9 +110,10 @@ def _read_bench(folders, info) -> list[dict]:
     return [_row("read_adapter", full), *(_row(f"read_part_{k}", v) for k, v in parts.items())]
 
 
-async def _ours(work: Path, folders, pre: list[Path], base_path: str, info, device: str) -> list[dict]:
+async def _ours(work: Path, folders, steps, pre: list[Path], base_path: str, info, device: str) -> list[dict]:
     """Our server with the `pre` adapters in slots: POST /v1/adapters for each of `folders`, then its
-    first /v1/classify; then host-tier -> slot copies into a free slot."""
+    first /v1/classify; the load step alone (the adapter manager's load: validated files -> a slot, ready
+    to serve, no HTTP) for each of `steps`; then host-tier -> slot copies into a free slot."""
     import httpx
 
     from adapters.bases import load_base
@@ -122,7 +123,8 @@ async def _ours(work: Path, folders, pre: list[Path], base_path: str, info, devi
 
     model, tokenizer = load_base(base_path, "classification")
     resident = len(pre)
-    engine = ClassifierEngine(model, tokenizer, info, num_slots=resident + len(folders) + 2, max_rank=16,
+    slots = resident + len(folders) + len(steps) + 2
+    engine = ClassifierEngine(model, tokenizer, info, num_slots=slots, max_rank=16,
                               device=device)  # fmt: skip
     registry = work / f"registry-{resident}"
     registry.mkdir()
@@ -130,7 +132,7 @@ async def _ours(work: Path, folders, pre: list[Path], base_path: str, info, devi
                         max_gpu_adapters=engine.num_slots - 1)  # fmt: skip
     app = create_app(settings, classifier=engine)
     logging.getLogger("loraswap.access").setLevel(logging.WARNING)  # no access line per request
-    first, response, copy = [], [], []
+    first, response, step, copy = [], [], [], []
     async with app.router.lifespan_context(app):
         manager = app.state.ctx.managers["classification"]
         for folder in pre:
@@ -148,6 +150,12 @@ async def _ours(work: Path, folders, pre: list[Path], base_path: str, info, devi
                 response.append(loaded - s)
                 ok = r.status_code == 200 and c.status_code == 200 and c.json()["version"] == 1
                 assert ok, (r.text, c.text)
+        for folder in steps:
+            s = time.perf_counter()
+            await manager.load(path=str(folder))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            step.append(time.perf_counter() - s)
         weights = manager._host[(folders[0].name, 1)]  # validated, in host memory
         free = engine.num_slots - 1  # the manager fills slots from 1 up and has one more than it needs
         for _ in folders:
@@ -158,6 +166,7 @@ async def _ours(work: Path, folders, pre: list[Path], base_path: str, info, devi
             copy.append(time.perf_counter() - s)
     return [_row(f"ours_load_to_first_answer_{resident}_resident", first),
             _row(f"ours_load_response_{resident}_resident", response),
+            _row(f"ours_load_step_{resident}_resident", step),
             _row(f"ours_slot_copy_from_host_{resident}_resident", copy)]  # fmt: skip
 
 
@@ -293,11 +302,12 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     churn = (64, 16, 256) if quick else (1000, 32, 4000)
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     try:
-        base_path, info, folders = _minilm_adapters(work, reps + most)
-        measured, pre = folders[:reps], folders[reps:]  # loaded while timed / already resident
+        base_path, info, folders = _minilm_adapters(work, 2 * reps + most)
+        # loaded through HTTP while timed / through the manager while timed / already resident
+        measured, steps, pre = folders[:reps], folders[reps : 2 * reps], folders[2 * reps :]
         cases = _read_bench(measured, info)
         for resident in (1, most):
-            cases += asyncio.run(_ours(work, measured, pre[:resident], base_path, info, device))
+            cases += asyncio.run(_ours(work, measured, steps, pre[:resident], base_path, info, device))
             cases += _peft(measured, pre[:resident], base_path, device)
         cases.append(_churn(work, *churn, device))
     finally:
@@ -322,8 +332,11 @@ def _markdown(r: dict) -> str:
     for n in s["resident"]:
         ours = cases[f"ours_load_to_first_answer_{n}_resident"]["p50_ms"]
         peft = cases[f"peft_load_to_first_answer_{n}_resident"]["p50_ms"]
+        step, post = (cases[f"ours_load_{k}_{n}_resident"]["p50_ms"] for k in ("step", "response"))
+        peft_load = cases[f"peft_load_adapter_{n}_resident"]["p50_ms"]
         lines += ["", f"Load -> first answer with {n} resident: ours {ours:.1f} ms, PEFT {peft:.1f} ms "
-                  f"({peft / ours:.1f}x)."]  # fmt: skip
+                  f"({peft / ours:.1f}x). Load step vs PEFT load_adapter: {step:.1f} vs {peft_load:.1f} ms "
+                  f"({peft_load / step:.1f}x); POST /v1/adapters {post:.1f} ms ({peft_load / post:.1f}x)."]  # fmt: skip
     c = cases["churn"]
     lines += ["", f"Churn: {c['adapters']} tiny adapters (r=1), {c['slots']} slots, {c['requests']} requests "
               f"from 32 clients cycling over all of them: {c['errors']} errors, "

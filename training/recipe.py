@@ -55,6 +55,7 @@ class Recipe:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0  # classification: soften one-hot targets (regularizes small, noisy data)
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 32
@@ -107,6 +108,10 @@ class Recipe:
             raise LoraswapError("BitFit is only supported for classification")
         if not 0.0 < self.val_fraction < 1.0:
             raise LoraswapError("val_fraction must be between 0 and 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise LoraswapError("label_smoothing must be in [0, 1)")
+        if self.label_smoothing and self.task != "classification":
+            raise LoraswapError("label_smoothing is only supported for classification")
         return self
 
     def to_dict(self) -> dict[str, Any]:

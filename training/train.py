@@ -170,6 +170,7 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> TrainingArguments:
         warmup_steps=recipe.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers v5
         optim="adamw_torch",
         max_grad_norm=recipe.max_grad_norm,
+        label_smoothing_factor=recipe.label_smoothing,
         eval_strategy="steps",
         eval_steps=recipe.eval_steps,
         save_strategy="steps",

@@ -33,6 +33,7 @@ class _Request:
     results: list[Tensor | None] = field(default_factory=list)
     next_row: int = 0  # rows before this one are already in a batch
     done_rows: int = 0
+    sparse: bool = False  # nothing else arrived within max_wait before it: do not wait for company
 
     @property
     def started(self) -> bool:
@@ -40,7 +41,8 @@ class _Request:
 
 
 class ClassifyBatcher:
-    """Collects rows for up to `max_wait_ms` (or until a full batch is waiting), sorts a window of them
+    """Collects rows for up to `max_wait_ms` (or until a full batch is waiting; a lone request after a quiet
+    spell does not wait), sorts a window of them
     by length, cuts it into batches of <= max_batch_size rows and <= max_batch_tokens padded tokens,
     and runs each batch in the single model thread. Callers get their own rows back, in order.
     """
@@ -62,6 +64,7 @@ class ClassifyBatcher:
         self._pending: deque[_Request] = deque()  # requests with rows not yet in a batch, FIFO
         self._running: set[_Request] = set()
         self._tokenizing = 0  # admitted requests waiting for (or in) the tokenizer thread: they wait too
+        self._last_arrival = float("-inf")
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         # One thread owns the model (torch forward passes are not run concurrently); tokenizing has its
@@ -115,6 +118,11 @@ class ClassifyBatcher:
         finally:
             self._tokenizing -= 1
         request = _Request(rows=rows, slot=slot, future=loop.create_future(), results=[None] * len(rows))
+        # Sparse traffic (the previous request came more than max_wait ago): waiting would most likely only
+        # add latency, so the request runs at once. Bursts (arrivals closer than max_wait) still wait and
+        # share batches, and requests that arrive while a batch runs are batched together anyway.
+        request.sparse = request.submitted - self._last_arrival > self.max_wait
+        self._last_arrival = request.submitted
         self._pending.append(request)
         self._wakeup.set()
         try:
@@ -137,7 +145,10 @@ class ClassifyBatcher:
                 await self._run(loop, batch)
 
     async def _wait_for_more(self) -> None:
-        """Wait up to max_wait after the oldest request arrived, unless a full batch is already waiting."""
+        """Wait up to max_wait after the oldest request arrived, unless a full batch is already waiting or
+        the only request waiting is a sparse one."""
+        if len(self._pending) == 1 and self._pending[0].sparse:
+            return
         deadline = self._pending[0].submitted + self.max_wait
         while self._waiting_rows() < self.max_batch_size:
             timeout = deadline - time.perf_counter()

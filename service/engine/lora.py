@@ -118,10 +118,11 @@ class MultiLoraLinear(nn.Module):
         """Copy PEFT-layout weights (A [r, in], B [out, r]) into `slot`, zero-padding to r_max.
         Shapes are checked by the caller (`LoraSlots.load`) before any slot is touched."""
         r = A.shape[0]
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
         self.lora_A[slot, :, :r].copy_(A.t())
         self.lora_B[slot, :r, :].copy_(B.t() * scale)  # scale in fp32 before the cast to the stack dtype
+        if r < self.max_rank:  # only the padding is zeroed: each byte of the slot is written once
+            self.lora_A[slot, :, r:].zero_()
+            self.lora_B[slot, r:, :].zero_()
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:

@@ -105,6 +105,8 @@ def test_every_shipped_recipe_loads_and_points_at_data():
     ("name: x\ndata: d\ntask: regression\n", "unknown task 'regression'"),
     ("name: x\ndata: d\ntask: generation\nmethod: bitfit\n", "BitFit is only supported for classification"),
     ("data: d\n", "a recipe needs a name"),
+    ("name: x\ndata: d\nlabel_smoothing: 1.0\n", "label_smoothing must be in [0, 1)"),
+    ("name: x\ndata: d\ntask: generation\nlabel_smoothing: 0.1\n", "label_smoothing is only supported"),
 ])
 def test_bad_recipe_files_are_refused(tmp_path, text, message):
     path = tmp_path / "r.yaml"
@@ -116,3 +118,11 @@ def test_bad_recipe_files_are_refused(tmp_path, text, message):
 def test_unknown_recipe_name():
     with pytest.raises(LoraswapError, match="recipe no-such-recipe not found"):
         load_recipe("no-such-recipe")
+
+
+def test_label_smoothing_reaches_the_trainer(tmp_path):
+    from training.train import training_arguments
+
+    recipe = Recipe(name="x", data="d", label_smoothing=0.1).validate()
+    assert training_arguments(recipe, tmp_path).label_smoothing_factor == 0.1
+    assert training_arguments(Recipe(name="x", data="d"), tmp_path).label_smoothing_factor == 0.0

@@ -180,3 +180,18 @@ async def test_with_classifier_engine_matches_direct_classify(tiny_base_dir, pef
         assert len(out) == len(want)
         for a, b in zip(out, want, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+async def test_sparse_request_does_not_wait_but_bursts_still_batch() -> None:
+    """A request after a quiet spell runs at once (no max_wait added to its latency); requests arriving
+    together still share batches."""
+    engine = FakeEngine()
+    batcher = ClassifyBatcher(engine, max_batch_size=64, max_wait_ms=1000)
+    await batcher.start()
+    started = time.perf_counter()
+    assert [t.tolist() for t in await batcher.submit("5 7", slot=1)] == [[1.0, 2.0, 5.0]]
+    assert time.perf_counter() - started < 0.5  # would be >= 1 s if it waited for company
+    results = await asyncio.gather(*(batcher.submit(_text(i, 2), slot=i % 3) for i in range(12)))
+    await batcher.stop()
+    assert [out[0].tolist()[2] for out in results] == list(range(12))
+    assert len(engine.batches) <= 3  # the lone request, then the burst in one or two batches
