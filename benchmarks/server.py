@@ -1,4 +1,4 @@
-"""server suite: /v1/classify end to end over HTTP — a real `loraswap serve` process, an async httpx load
+"""server suite: /v1/classify end to end over HTTP — a real `loraswap serve` process, an aiohttp load
 generator at concurrency 1/16/64, every request naming one of 32 adapters (8 with --quick) round-robin —
 next to the engine's raw throughput on the same texts and adapters, measured in the same run.
 """
@@ -96,30 +96,35 @@ def _free_port() -> int:
 
 async def _load(url: str, texts: list[str], n_adapters: int, concurrency: int, seconds: float) -> dict:
     """`concurrency` clients, each sending one request after the other until `seconds` have passed
-    (at least one each: with seconds=0, client w sends one request, to adapter w)."""
-    import httpx
+    (at least one each: with seconds=0, client w sends one request, to adapter w).
+
+    The clients are aiohttp, not httpx: on the 2-core machine the load generator shares the cores with the
+    server, and httpx spent 0.3-0.5 cores at ~45 req/s (aiohttp 0.02), CPU the server then lacked."""
+    import aiohttp
 
     latencies: list[float] = []
     errors = 0
 
-    async def client(worker: int, http: httpx.AsyncClient, stop: float) -> None:
+    async def client(worker: int, http: aiohttp.ClientSession, stop: float) -> None:
         nonlocal errors
         i = worker
         while True:
             body = {"adapter": f"bench-{i % n_adapters}", "inputs": texts[i % len(texts)]}
             t0 = time.perf_counter()
             try:
-                resp = await http.post(f"{url}/v1/classify", json=body)
-                errors += resp.status_code != 200
-            except httpx.HTTPError:
+                async with http.post(f"{url}/v1/classify", json=body) as resp:
+                    await resp.read()
+                    errors += resp.status != 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 errors += 1
             latencies.append(time.perf_counter() - t0)
             i += concurrency
             if time.perf_counter() >= stop:
                 return
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(w, http, start + seconds) for w in range(concurrency)))
         elapsed = time.perf_counter() - start

@@ -25,9 +25,10 @@ EXPECTED = {
     "cls": {"hf_base", "peft_one_adapter", "peft_mixed_batch", "peft_forward_per_adapter", "ours_0_adapters",
             "ours_1_adapters", "ours_4_adapters", "hf_base_batch1", "peft_batch1_adapter",
             "ours_batch1_no_adapter", "ours_batch1_adapter"},
-    "gen": {"hf_generate", "peft_mixed_4", "ours_base", "ours_mixed_2", "ours_mixed_4", "ours_streams_1"},
+    "gen": {"hf_generate", "peft_mixed_2", "ours_base", "ours_mixed_2", "ours_mixed_4", "ours_streams_1"},
     "load": {"read_adapter", "ours_load_to_first_answer_1_resident", "ours_load_to_first_answer_10_resident",
-             "ours_load_response_1_resident", "peft_load_adapter_1_resident", "peft_load_adapter_10_resident",
+             "ours_load_response_1_resident", "ours_load_step_1_resident", "peft_load_adapter_1_resident",
+             "peft_load_adapter_10_resident",
              "peft_load_to_first_answer_1_resident", "peft_load_to_first_answer_10_resident", "churn"},
     "server": {"http_concurrency_1", "http_concurrency_16", "http_concurrency_64", "engine_raw"},
 }  # fmt: skip
