@@ -16,17 +16,9 @@ from types import SimpleNamespace
 
 import torch
 
+from training.train import cpu_model  # one definition, shared with the training reports
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def set_threads(device: str, quick: bool) -> None:

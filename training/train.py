@@ -55,10 +55,22 @@ def base_name(recipe: Recipe) -> str:
     return recipe.base or (DEFAULT_ENCODER if recipe.task == "classification" else DEFAULT_DECODER)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() is often empty there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def machine() -> str:
     threads = torch.get_num_threads()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch threads {threads}, processes {world}".replace("  ", " ")
+    return (f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch threads {threads}, "
+            f"processes {world}")
 
 
 def _num_layers(model) -> int:
