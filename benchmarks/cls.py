@@ -12,6 +12,7 @@ from benchmarks.common import (
     median,
     peft_adapter_weights,
     percentile,
+    randomize_lora_b,
     set_threads,
     time_interleaved,
 )
@@ -34,10 +35,7 @@ def _peft_with_adapters(path: str, device: str, n: int, rank: int):
     model = get_peft_model(_load(path, device), cfg, adapter_name="a0")
     for i in range(1, n):
         model.add_adapter(f"a{i}", cfg)
-    with torch.no_grad():  # PEFT inits B to zero; random B makes every adapter do real, distinct work
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.normal_(0, 0.02)
+    randomize_lora_b(model, ("lora_B", "modules_to_save"))
     return model.eval()
 
 

@@ -21,6 +21,15 @@ from training.train import cpu_model  # one definition, shared with the training
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def randomize_lora_b(model: torch.nn.Module, parts: tuple[str, ...] = ("lora_B",), std: float = 0.02) -> None:
+    """PEFT inits lora_B to zero; random B (and heads, if named in `parts`) makes every adapter do real,
+    distinct work."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in parts):
+                param.normal_(0, std)
+
+
 def set_threads(device: str, quick: bool) -> None:
     """CPU: 2 torch threads for full runs; 1 for --quick, which only checks that a suite runs: on a busy
     2-core machine a second thread makes every op wait at a barrier for a preempted thread (10x slower)."""

@@ -22,6 +22,7 @@ from benchmarks.common import (
     median,
     peft_adapter_weights,
     percentile,
+    randomize_lora_b,
     set_threads,
     time_interleaved,
 )
@@ -59,10 +60,7 @@ def _peft(base, n_adapters: int, rank: int):
     model = get_peft_model(base, cfg, adapter_name="a0")
     for i in range(1, n_adapters):
         model.add_adapter(f"a{i}", cfg)
-    with torch.no_grad():  # PEFT inits B to zero; random B makes every adapter do real, distinct work
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    randomize_lora_b(model)
     return model.eval()
 
 

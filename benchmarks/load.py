@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, machine_markdown, percentile, set_threads
+from benchmarks.common import machine_info, machine_markdown, percentile, randomize_lora_b, set_threads
 
 # every linear of the encoder blocks (PEFT "all-linear" would add the pooler, which the engine does not wrap)
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -55,10 +55,7 @@ def _minilm_adapters(work: Path, count: int):
     peft = get_peft_model(
         model, LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules=ALL_LINEARS)
     )
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    randomize_lora_b(peft)
     src = work / "src"
     peft.save_pretrained(src)
     base, _ = load_base(base_path, "classification")

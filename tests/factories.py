@@ -35,6 +35,15 @@ def tiny_bert_base(folder: Path) -> Path:
     return folder
 
 
+def randomize_adapter(model: torch.nn.Module, std: float, parts: tuple[str, ...] = ("lora_",)) -> None:
+    """PEFT initialises lora_B to zero (a no-op adapter): draw every parameter whose name contains one of
+    `parts` from N(0, std), in named_parameters order, so a seeded test gets the same weights each run."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in parts):
+                param.normal_(0, std)
+
+
 def make_cls_adapter(base_dir: Path, out_dir: Path, *, num_labels: int, r: int = 4, targets=None,
                      seed: int = 0) -> PeftModel:
     """Save a PEFT SEQ_CLS LoRA adapter with random (non-zero) weights; returns the PEFT model."""
@@ -43,10 +52,7 @@ def make_cls_adapter(base_dir: Path, out_dir: Path, *, num_labels: int, r: int =
                                                               ignore_mismatched_sizes=True).eval()
     config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=targets or ALL_LINEARS)
     model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.normal_(0, 0.5)
+    randomize_adapter(model, 0.5, ("lora_", "modules_to_save"))
     model.save_pretrained(out_dir)
     return model.eval()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from factories import EOS, byte_tokenizer, publish_cls_adapter, tiny_bert_base
+from factories import EOS, byte_tokenizer, publish_cls_adapter, randomize_adapter, tiny_bert_base
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,10 +55,7 @@ def publish_gen_adapter(registry: Registry, base_dir: Path, work: Path, name: st
     torch.manual_seed(seed)
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets)
     peft_model = get_peft_model(copy.deepcopy(base), config).eval()
-    with torch.no_grad():
-        for pname, param in peft_model.named_parameters():
-            if "lora_" in pname:
-                param.normal_(0, 0.3)
+    randomize_adapter(peft_model, 0.3)
     folder = work / f"{name}-{seed}"
     peft_model.save_pretrained(folder)
     import_peft_folder(folder, name, str(base_dir), info, task="generation")

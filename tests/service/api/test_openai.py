@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from factories import EOS, byte_tokenizer
+from factories import EOS, byte_tokenizer, randomize_adapter
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,10 +67,7 @@ def world(tmp_path_factory):
         peft_model = get_peft_model(
             copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets)
         ).eval()
-        with torch.no_grad():
-            for pname, param in peft_model.named_parameters():
-                if "lora_" in pname:
-                    param.normal_(0, 0.3)
+        randomize_adapter(peft_model, 0.3)
         folder = root / "work" / name
         peft_model.save_pretrained(folder)
         import_peft_folder(folder, name, BASE_ID, info, task="generation")

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from factories import randomize_adapter
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
@@ -85,10 +86,7 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, spec: tuple, seed: int) -> 
         modules_to_save=extra or None,
     )  # fmt: skip
     peft_model = get_peft_model(model, cfg).eval()
-    with torch.no_grad():  # PEFT inits B to zero (a no-op adapter); randomise every trained tensor
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.normal_(0, 0.3)
+    randomize_adapter(peft_model, 0.3, ("lora_", "modules_to_save"))  # every trained tensor
     peft_model.save_pretrained(out_dir)
     return peft_model
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from factories import randomize_adapter
 from transformers import AutoTokenizer
 
 from service.engine.classifier import ClassifierEngine
@@ -142,10 +143,7 @@ def test_real_minilm_mixed_batch_matches_peft(tmp_path, kit) -> None:
         model.classifier = torch.nn.Linear(384, labels)  # a fresh head, like a training run would make
         model.config.num_labels = labels
         peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r)).eval()
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
+        randomize_adapter(peft_model, 0.05, ("lora_B",))
         peft_model.save_pretrained(tmp_path / str(slot))
         engine.load_slot(slot, kit.read_peft_folder(tmp_path / str(slot), labels))
         oracles.append(peft_model)

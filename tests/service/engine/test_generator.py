@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import randomize_adapter
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -117,10 +118,7 @@ def make_adapters(base: torch.nn.Module, arch: str, work: Path, base_info) -> li
             fan_in_fan_out=arch == "gpt2",
         )
         peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    param.normal_(0, 0.3)
+        randomize_adapter(peft_model, 0.3)
         folder = work / f"{arch}-{i}"
         peft_model.save_pretrained(folder)
         import_peft_folder(folder, f"a{i}", "tiny", base_info, task="generation")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import randomize_adapter
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -111,10 +112,7 @@ def test_load_validation_and_reload_smaller_rank() -> None:
 
 def _randomise_lora_b(peft_model: nn.Module) -> None:
     # PEFT initialises B to zero, which would make every adapter a no-op.
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
+    randomize_adapter(peft_model, 0.2)
 
 
 def _peft_lora(peft_model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
