@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from datasets import Dataset
 
 from adapters.errors import LoraswapError
@@ -242,13 +241,6 @@ def tokenize_classification(ds: Dataset, tokenizer, recipe: Recipe, labels: list
         return enc
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
-
-
-def for_evaluation(encoded: Dataset) -> Dataset:
-    """Shortest rows first, so evaluation batches pad little (SST-2's validation rows are whole sentences,
-    twice as long as its training phrases; in random order each batch pads to its longest). Predictions
-    keep their labels, so accuracy, F1 and the per-row mean loss do not depend on the order."""
-    return encoded.select(np.argsort(encoded["length"], kind="stable"))
 
 
 def chat_prompt(tokenizer, prompt: str, system: str | None) -> list[int]:

@@ -16,14 +16,7 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
 
 from adapters.errors import LoraswapError
-from training.data import (
-    Splits,
-    chat_prompt,
-    for_evaluation,
-    tokenize_classification,
-    tokenize_generation,
-    validation_rows,
-)
+from training.data import Splits, chat_prompt, tokenize_classification, tokenize_generation, validation_rows
 from training.recipe import Recipe
 
 
@@ -70,7 +63,7 @@ def _eval_trainer(model, tokenizer, recipe: Recipe, trainer: Trainer | None) -> 
 def evaluate_classification(model, tokenizer, recipe: Recipe, data: Dataset, labels: list[str],
                             trainer: Trainer | None = None) -> dict[str, Any]:
     trainer = _eval_trainer(model, tokenizer, recipe, trainer)
-    encoded = for_evaluation(tokenize_classification(data, tokenizer, recipe, labels))
+    encoded = tokenize_classification(data, tokenizer, recipe, labels)
     out = trainer.predict(encoded)
     preds = np.asarray(out.predictions).argmax(-1).tolist()
     scores = classification_scores(list(out.label_ids), preds, labels)

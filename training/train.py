@@ -28,14 +28,7 @@ from transformers import (
 
 from adapters.bases import DEFAULT_DECODER, DEFAULT_ENCODER, load_base
 from adapters.errors import LoraswapError
-from training.data import (
-    Splits,
-    for_evaluation,
-    load_splits,
-    tokenize_classification,
-    tokenize_generation,
-    validation_rows,
-)
+from training.data import Splits, load_splits, tokenize_classification, tokenize_generation, validation_rows
 from training.recipe import Recipe
 
 log = logging.getLogger("loraswap.train")
@@ -239,8 +232,7 @@ def build(recipe: Recipe):
         model.config.problem_type = "single_label_classification"
         model = apply_lora(model, recipe) if recipe.method == "lora" else apply_bitfit(model, recipe)
         train_ds = tokenize_classification(splits.train, tokenizer, recipe, splits.labels)
-        eval_rows = validation_rows(splits, recipe)
-        eval_ds = for_evaluation(tokenize_classification(eval_rows, tokenizer, recipe, splits.labels))
+        eval_ds = tokenize_classification(validation_rows(splits, recipe), tokenizer, recipe, splits.labels)
     else:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -127,14 +127,3 @@ def test_generation_columns(bitext_slice):
     assert splits.labels is None and len(splits.train) == 64
     with pytest.raises(LoraswapError, match="missing column 'prompt'"):
         load_splits(_recipe(bitext_slice, task="generation", prompt_column="prompt"))
-
-
-def test_evaluation_order_is_by_length_and_keeps_each_label_with_its_row():
-    from datasets import Dataset
-
-    from training.data import for_evaluation
-
-    encoded = Dataset.from_dict({"length": [5, 2, 9, 2, 1], "labels": [0, 1, 2, 3, 4]})
-    ordered = for_evaluation(encoded)
-    assert ordered["length"] == [1, 2, 2, 5, 9]
-    assert ordered["labels"] == [4, 1, 3, 0, 2]  # ties keep their order (stable)
