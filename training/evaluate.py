@@ -18,6 +18,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Traine
 from adapters.errors import LoraswapError
 from training.data import Splits, chat_prompt, tokenize_classification, tokenize_generation, validation_rows
 from training.recipe import Recipe
+from training.train import pad_multiple
 
 
 def classification_scores(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict[str, Any]:
@@ -42,9 +43,10 @@ def _eval_trainer(model, tokenizer, recipe: Recipe, trainer: Trainer | None) -> 
     if trainer is not None:
         return trainer
     if recipe.task == "classification":
-        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple())
     else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
+                                          pad_to_multiple_of=pad_multiple())
     args = TrainingArguments(
         output_dir=str(recipe.run_dir / "eval-tmp"),
         per_device_eval_batch_size=recipe.eval_batch_size,
