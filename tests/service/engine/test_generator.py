@@ -18,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from adapters.fingerprint import describe_base
 from adapters.format import import_peft_folder, read_adapter
 from service.engine.generator import Detokenizer, EngineOverloadedError, GeneratorEngine
+from service.engine.model_runner import output_projection
 from service.engine.sampling import SamplingParams
 
 EOS = 0
@@ -364,3 +365,19 @@ async def test_smollm2_matches_hf_generate_and_decodes_text() -> None:
     for p, (ids, text, _) in zip(prompts, got, strict=True):
         assert ids == oracle(ref, p, 12)
         assert text == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_projection_matches_lm_head(bias: bool) -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    project = output_projection(head)
+    assert project is not head  # the CPU fast path: oneDNN with a reordered copy of the weight
+    h = torch.randn(5, 16)
+    torch.testing.assert_close(project(h), head(h), rtol=1e-5, atol=1e-6)
+    assert head.weight.is_contiguous() and head.weight.shape == (50, 16)  # the original stays as it was
+
+
+def test_output_projection_leaves_other_modules_alone() -> None:
+    wrapped = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert output_projection(wrapped) is wrapped
