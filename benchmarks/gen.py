@@ -143,6 +143,51 @@ def _latency(engine, prompts: list[list[int]], slots: list[int], streams: int, n
             "tokens_per_s": streams * new_tokens / wall, **_stats(timings)}  # fmt: skip
 
 
+def _decode_steps(engine, hf_model, prompts: list[list[int]], device: str, rounds: int) -> dict:
+    """One decode step of the whole batch (16 rows, no adapter), ours vs HF's forward with its KV cache,
+    alternating every 3 steps: the job timings above are ~13 s blocks on a machine whose speed drifts
+    within a minute, this pairs the two within a second. Ours runs the engine's model through a second
+    ModelRunner with its own KV cache (the engine is idle meanwhile); both append their greedy token."""
+    from service.engine.kv_cache import KVCache
+    from service.engine.model_runner import ModelRunner
+    from service.engine.sampling import SamplingParams
+    from service.engine.sequence import Sequence
+
+    n, dec = len(prompts), engine.runner.decoder
+    kv = KVCache(len(dec.blocks), dec.num_kv_heads, dec.head_dim, n, engine.max_model_len,
+                 dtype=engine.kv_cache.k.dtype, device=device)  # fmt: skip
+    runner = ModelRunner(engine.runner.model, kv, engine.slots)
+    seqs = [Sequence(p, SamplingParams(max_tokens=10**6, temperature=0, ignore_eos=True)) for p in prompts]
+    for seq in seqs:
+        kv.allocate(seq)
+
+    def ours(prefill: bool = False) -> None:
+        for seq, token in zip(seqs, runner.run(seqs, prefill), strict=True):
+            seq.num_cached = len(seq)
+            seq.append_token(token)
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    state = {"mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)}
+
+    def hf(prefill: bool = False) -> None:
+        mask = state["mask"] if prefill else torch.cat([state["mask"], state["mask"].new_ones(n, 1)], 1)
+        out = hf_model(input_ids=ids if prefill else state["next"], attention_mask=mask,
+                       past_key_values=state.get("past"), use_cache=True)  # fmt: skip
+        state.update(mask=mask, past=out.past_key_values, next=out.logits[:, -1:].argmax(-1))
+
+    with torch.inference_mode():
+        ours(prefill=True)
+        hf(prefill=True)
+        times = time_interleaved({"ours": lambda: [ours() for _ in range(3)], "hf": lambda: [hf() for _ in range(3)]},
+                                 warmup=1, reps=rounds, device=device)  # fmt: skip
+    for seq in seqs:
+        kv.free(seq)
+    step = {k: 1e3 * median(v) / 3 for k, v in times.items()}
+    return {"case": "decode_step", "ours_decode_step_ms": step["ours"], "hf_decode_step_ms": step["hf"],
+            "rounds": rounds, "steps_per_round": 3, "ratio": step["hf"] / step["ours"]}  # fmt: skip
+
+
 def _stats(t: _Timings) -> dict:
     ms = lambda values, q: 1e3 * percentile(values, q)  # noqa: E731
     return {"ttft_p50_ms": ms(t.ttft, 50), "ttft_p99_ms": ms(t.ttft, 99),
@@ -186,6 +231,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         rows.append({"case": name, "adapters": jobs[name][0], "tokens_per_s": n_req * new_tokens / median(ts),
                      "median_s": median(ts), **_stats(timings[name]), "times_s": ts})  # fmt: skip
     latency = [_latency(engine, prompts, spread[most], s, new_tokens) for s in streams]
+    decode = _decode_steps(engine, base, prompts[:n_req], device, rounds=2 if quick else 8)
     engine.stop()
     tps = {r["case"]: r["tokens_per_s"] for r in rows}
     ratios = {
@@ -205,6 +251,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         "cases": rows,
         "ratios": ratios,
         "latency_streams": latency,
+        "decode_step": decode,
         "wall_s": time.perf_counter() - started,
     }  # fmt: skip
     return result, _markdown(result)
@@ -229,4 +276,8 @@ def _markdown(r: dict) -> str:
                      f"{c['itl_p50_ms']:.1f} / {c['itl_p99_ms']:.1f} |")  # fmt: skip
     lines += ["", "| ratio (tokens/s) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
+    d = r["decode_step"]
+    lines += ["", f"Decode step alone ({s['requests']} rows, no adapter, {d['rounds']} alternating rounds of "
+              f"{d['steps_per_round']} steps): ours {d['ours_decode_step_ms']:.1f} ms, HF forward with its KV "
+              f"cache {d['hf_decode_step_ms']:.1f} ms ({d['ratio']:.2f}x)."]
     return "\n".join(lines) + "\n"
