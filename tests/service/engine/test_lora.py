@@ -12,7 +12,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from service.engine.lora import MultiLoraLinear, SlotState, lora_delta_reference
+from service.engine.lora import MultiLoraLinear, SlotState, group_rows, lora_delta_reference
 from service.engine.lora_model import inject_multi_lora, matches_target
 
 torch.manual_seed(0)
@@ -24,8 +24,9 @@ def _random_slots(module: MultiLoraLinear, ranks: dict[int, int]) -> None:
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("shape", [(5, 7), (5,)])  # [B, T, in] and [N, in]
-@pytest.mark.parametrize("slot_ids", [[0, 1, 2, 1, 3], [2, 2, 2, 2, 2], [0, 0, 0, 0, 0]])
+@pytest.mark.parametrize("shape", [(5, 7), (5, 3), (5,)])  # [B, T, in] (T >= and < r_max) and [N, in]
+# Mixed over a dense slot range (grouped bmm), mixed over a sparse one (gathered bmm), uniform, all base.
+@pytest.mark.parametrize("slot_ids", [[0, 1, 2, 1, 3], [3, 0, 0, 0, 0], [2, 2, 2, 2, 2], [0, 0, 0, 0, 0]])
 def test_multi_lora_linear_matches_reference(kind: str, shape: tuple[int, ...], slot_ids: list[int]) -> None:
     base = nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)
     nn.init.normal_(base.bias)
@@ -35,12 +36,21 @@ def test_multi_lora_linear_matches_reference(kind: str, shape: tuple[int, ...], 
     x = torch.randn(*shape, 12)
     ids = torch.tensor(slot_ids)
     state.set(ids)
+    assert (state.groups is not None) == (slot_ids == [0, 1, 2, 1, 3])  # grouped where rows are < r_max tokens
     with torch.no_grad():
         got = layer(x)
         want = base(x) + lora_delta_reference(x, ids, layer.lora_A, layer.lora_B)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if not any(slot_ids):
         assert torch.equal(got, base(x))  # skipped entirely, bit-exact
+
+
+def test_group_rows_layout() -> None:
+    groups = group_rows(torch.tensor([3, 1, 3, 2, 1]), [1, 2, 3])
+    assert (groups.lo, groups.count, groups.width) == (1, 3, 2)
+    # slot 1 owns padded rows 0-1, slot 2 rows 2-3, slot 3 rows 4-5; arrival order kept within a slot
+    assert groups.index.tolist() == [4, 0, 5, 2, 1]
+    assert group_rows(torch.tensor([1, 9, 9, 9]), [1, 9]) is None  # 9 slots x 3 rows > 2 x 4 rows
 
 
 def test_load_folds_scale_and_pads_rank() -> None:
