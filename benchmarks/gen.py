@@ -98,15 +98,22 @@ def _engine_job(engine, prompts: list[list[int]], slots: list[int], new_tokens: 
     return lambda: asyncio.run(all_requests())
 
 
+def _left_padded(prompts: list[list[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), left-padded: what HF needs for batched decoding."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 def _hf_job(model, tokenizer, prompts, new_tokens: int, device: str, timings: _Timings, adapter_names=None):
     """Batched HF generate over the same prompts, left-padded (what HF needs for batched decoding).
     A streamer stamps every decoding step: its first call is the prompt, then one per generated token."""
     from transformers.generation.streamers import BaseStreamer
 
-    width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask = _left_padded(prompts, pad, device)
+    width = ids.shape[1]
     kw = {"adapter_names": adapter_names} if adapter_names else {}
 
     class Clock(BaseStreamer):
@@ -166,9 +173,8 @@ def _decode_steps(engine, hf_model, prompts: list[list[int]], device: str, round
             seq.num_cached = len(seq)
             seq.append_token(token)
 
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    state = {"mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)}
+    ids, mask = _left_padded(prompts, engine.tokenizer.pad_token_id or 0, device)
+    state = {"mask": mask}
 
     def hf(prefill: bool = False) -> None:
         mask = state["mask"] if prefill else torch.cat([state["mask"], state["mask"].new_ones(n, 1)], 1)

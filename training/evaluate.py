@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from adapters.errors import LoraswapError
 from training.data import Splits, chat_prompt, tokenize_classification, tokenize_generation, validation_rows
 from training.recipe import Recipe
-from training.train import pad_multiple
+from training.train import collator
 
 
 def classification_scores(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict[str, Any]:
@@ -42,11 +42,6 @@ def _eval_trainer(model, tokenizer, recipe: Recipe, trainer: Trainer | None) -> 
     """Reuse the training Trainer (keeps DDP state); build a plain one for `loraswap eval`."""
     if trainer is not None:
         return trainer
-    if recipe.task == "classification":
-        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple())
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                          pad_to_multiple_of=pad_multiple())
     args = TrainingArguments(
         output_dir=str(recipe.run_dir / "eval-tmp"),
         per_device_eval_batch_size=recipe.eval_batch_size,
@@ -56,7 +51,7 @@ def _eval_trainer(model, tokenizer, recipe: Recipe, trainer: Trainer | None) -> 
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=args, data_collator=collator, processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, data_collator=collator(tokenizer, recipe.task), processing_class=tokenizer)
     if recipe.task == "classification":
         trainer.model_accepts_loss_kwargs = False  # a per-batch mean loss: see training.train.train
     return trainer
