@@ -243,6 +243,13 @@ def tokenize_classification(ds: Dataset, tokenizer, recipe: Recipe, labels: list
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
 
 
+def longest_first(encoded: Dataset) -> Dataset:
+    """Evaluation rows sorted by token count, so each batch pads to rows of about its own length. The
+    Trainer evaluates in order; unsorted 128-row SST-2 batches were mostly padding (17.5 s per validation
+    pass on the 2-core CPU). For classification metrics, which do not depend on row order."""
+    return encoded.sort("length", reverse=True)
+
+
 def chat_prompt(tokenizer, prompt: str, system: str | None) -> list[int]:
     """Token ids of the chat-formatted prompt, ending with the assistant turn's header."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -16,7 +16,14 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from adapters.errors import LoraswapError
-from training.data import Splits, chat_prompt, tokenize_classification, tokenize_generation, validation_rows
+from training.data import (
+    Splits,
+    chat_prompt,
+    longest_first,
+    tokenize_classification,
+    tokenize_generation,
+    validation_rows,
+)
 from training.recipe import Recipe
 from training.train import collator
 
@@ -60,7 +67,7 @@ def _eval_trainer(model, tokenizer, recipe: Recipe, trainer: Trainer | None) -> 
 def evaluate_classification(model, tokenizer, recipe: Recipe, data: Dataset, labels: list[str],
                             trainer: Trainer | None = None) -> dict[str, Any]:
     trainer = _eval_trainer(model, tokenizer, recipe, trainer)
-    encoded = tokenize_classification(data, tokenizer, recipe, labels)
+    encoded = longest_first(tokenize_classification(data, tokenizer, recipe, labels))
     out = trainer.predict(encoded)
     preds = np.asarray(out.predictions).argmax(-1).tolist()
     scores = classification_scores(list(out.label_ids), preds, labels)

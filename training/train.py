@@ -28,7 +28,15 @@ from transformers import (
 
 from adapters.bases import DEFAULT_DECODER, DEFAULT_ENCODER, load_base
 from adapters.errors import LoraswapError
-from training.data import Splits, load_splits, tokenize_classification, tokenize_generation, validation_rows
+from training.data import (
+    Splits,
+    load_splits,
+    longest_first,
+    tokenize_classification,
+    tokenize_generation,
+    validation_rows,
+)
+from training.dropout import use_bulk_dropout
 from training.recipe import Recipe
 
 log = logging.getLogger("loraswap.train")
@@ -242,13 +250,14 @@ def build(recipe: Recipe):
         model.config.problem_type = "single_label_classification"
         model = apply_lora(model, recipe) if recipe.method == "lora" else apply_bitfit(model, recipe)
         train_ds = tokenize_classification(splits.train, tokenizer, recipe, splits.labels)
-        eval_ds = tokenize_classification(validation_rows(splits, recipe), tokenizer, recipe, splits.labels)
+        eval_ds = longest_first(tokenize_classification(validation_rows(splits, recipe), tokenizer, recipe, splits.labels))
     else:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         model = apply_lora(model, recipe)
         train_ds = tokenize_generation(splits.train, tokenizer, recipe)
         eval_ds = tokenize_generation(validation_rows(splits, recipe), tokenizer, recipe)
+    use_bulk_dropout(model)  # training-only: nn.Dropout's CPU masks are the slow part of a step
     return model, tokenizer, splits, train_ds, eval_ds
 
 

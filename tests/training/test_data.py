@@ -9,7 +9,7 @@ import pytest
 
 from adapters.errors import LoraswapError
 from tests.training.conftest import write_jsonl
-from training.data import load_splits, read_table
+from training.data import load_splits, longest_first, read_table
 from training.recipe import load_recipe
 
 
@@ -127,3 +127,14 @@ def test_generation_columns(bitext_slice):
     assert splits.labels is None and len(splits.train) == 64
     with pytest.raises(LoraswapError, match="missing column 'prompt'"):
         load_splits(_recipe(bitext_slice, task="generation", prompt_column="prompt"))
+
+
+def test_longest_first_sorts_evaluation_rows_and_keeps_every_row():
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 9, 1, 9, 5)], "length": [3, 9, 1, 9, 5],
+                              "labels": [0, 1, 2, 3, 4]})
+    ordered = longest_first(rows)
+    assert ordered["length"] == [9, 9, 5, 3, 1]
+    assert sorted(ordered["labels"]) == [0, 1, 2, 3, 4]
+    assert [len(ids) for ids in ordered["input_ids"]] == ordered["length"]

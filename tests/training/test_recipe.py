@@ -80,7 +80,7 @@ def test_set_needs_key_equals_value(item):
 def test_shipped_recipe_by_name_with_overrides():
     r = load_recipe("sentiment")
     assert (r.name, r.task, r.data) == ("sentiment", "classification", "../shared/data/sst2")
-    assert r.learning_rate == 1e-3 and r.eval_steps == 250 and r.max_length == 64
+    assert r.learning_rate == 1e-3 and r.eval_steps == 350 and r.max_length == 64 and r.freeze_layers == 2
     assert r.run_dir.as_posix() == "runs/sentiment" and r.best_metric == "accuracy"
     over = load_recipe("sentiment", {"lora_r": "4", "epochs": None})  # None: "flag not given"
     assert over.lora_r == 4 and over.epochs == r.epochs
