@@ -19,11 +19,11 @@ from torch import nn
 _WORDS_PER_DRAW = 4  # int16 uniforms per int64 draw
 
 
-def bulk_bernoulli_keep(shape: torch.Size, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def bulk_bernoulli_keep(shape: torch.Size, p: float) -> torch.Tensor:
     """A bool CPU tensor, each element True with probability 1 - p (p rounded to a multiple of 2**-16)."""
     n = math.prod(shape)
     draws = torch.empty(math.ceil(n / _WORDS_PER_DRAW), dtype=torch.int64)
-    draws.random_(-(2**63), None, generator=generator)  # the full 64-bit range
+    draws.random_(-(2**63), None)  # the full 64-bit range, from torch's default generator
     uniforms = draws.view(torch.int16)[:n].view(shape)
     return uniforms >= -(2**15) + round(p * 2**16)
 
