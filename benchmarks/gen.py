@@ -150,11 +150,12 @@ def _latency(engine, prompts: list[list[int]], slots: list[int], streams: int, n
             "tokens_per_s": streams * new_tokens / wall, **_stats(timings)}  # fmt: skip
 
 
-def _decode_steps(engine, hf_model, prompts: list[list[int]], device: str, rounds: int) -> dict:
-    """One decode step of the whole batch (16 rows, no adapter), ours vs HF's forward with its KV cache,
-    alternating every 3 steps: the job timings above are ~13 s blocks on a machine whose speed drifts
-    within a minute, this pairs the two within a second. Ours runs the engine's model through a second
-    ModelRunner with its own KV cache (the engine is idle meanwhile); both append their greedy token."""
+def _decode_steps(engine, hf_model, prompts: list[list[int]], slots: list[int], device: str, rounds: int) -> dict:
+    """One decode step of the whole batch (16 rows): ours with no adapter, ours with the rows' `slots`
+    (mixed adapters) and HF's forward with its KV cache (no adapter), alternating every 3 steps: the job
+    timings above are ~13 s blocks on a machine whose speed drifts within a minute, this pairs the cases
+    within a second. Ours runs the engine's model through a second ModelRunner with its own KV cache (the
+    engine is idle meanwhile); each appends its greedy token."""
     from service.engine.kv_cache import KVCache
     from service.engine.model_runner import ModelRunner
     from service.engine.sampling import SamplingParams
@@ -168,7 +169,9 @@ def _decode_steps(engine, hf_model, prompts: list[list[int]], device: str, round
     for seq in seqs:
         kv.allocate(seq)
 
-    def ours(prefill: bool = False) -> None:
+    def ours(prefill: bool = False, slots: list[int] | None = None) -> None:
+        for seq, slot in zip(seqs, slots or [0] * n, strict=True):
+            seq.slot = slot
         for seq, token in zip(seqs, runner.run(seqs, prefill), strict=True):
             seq.num_cached = len(seq)
             seq.append_token(token)
@@ -185,13 +188,17 @@ def _decode_steps(engine, hf_model, prompts: list[list[int]], device: str, round
     with torch.inference_mode():
         ours(prefill=True)
         hf(prefill=True)
-        times = time_interleaved({"ours": lambda: [ours() for _ in range(3)], "hf": lambda: [hf() for _ in range(3)]},
+        times = time_interleaved({"ours": lambda: [ours() for _ in range(3)],
+                                  "ours_mixed": lambda: [ours(slots=slots) for _ in range(3)],
+                                  "hf": lambda: [hf() for _ in range(3)]},
                                  warmup=1, reps=rounds, device=device)  # fmt: skip
     for seq in seqs:
         kv.free(seq)
     step = {k: 1e3 * median(v) / 3 for k, v in times.items()}
     return {"case": "decode_step", "ours_decode_step_ms": step["ours"], "hf_decode_step_ms": step["hf"],
-            "rounds": rounds, "steps_per_round": 3, "ratio": step["hf"] / step["ours"]}  # fmt: skip
+            "ours_mixed_decode_step_ms": step["ours_mixed"], "adapters": len(set(slots)),
+            "rounds": rounds, "steps_per_round": 3, "ratio": step["hf"] / step["ours"],
+            "mixed_vs_base": step["ours"] / step["ours_mixed"]}  # fmt: skip
 
 
 def _stats(t: _Timings) -> dict:
@@ -237,7 +244,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         rows.append({"case": name, "adapters": jobs[name][0], "tokens_per_s": n_req * new_tokens / median(ts),
                      "median_s": median(ts), **_stats(timings[name]), "times_s": ts})  # fmt: skip
     latency = [_latency(engine, prompts, spread[most], s, new_tokens) for s in streams]
-    decode = _decode_steps(engine, base, prompts[:n_req], device, rounds=2 if quick else 8)
+    decode = _decode_steps(engine, base, prompts[:n_req], spread[mixed][:n_req], device, rounds=2 if quick else 8)
     engine.stop()
     tps = {r["case"]: r["tokens_per_s"] for r in rows}
     ratios = {
@@ -283,7 +290,9 @@ def _markdown(r: dict) -> str:
     lines += ["", "| ratio (tokens/s) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
     d = r["decode_step"]
-    lines += ["", f"Decode step alone ({s['requests']} rows, no adapter, {d['rounds']} alternating rounds of "
-              f"{d['steps_per_round']} steps): ours {d['ours_decode_step_ms']:.1f} ms, HF forward with its KV "
-              f"cache {d['hf_decode_step_ms']:.1f} ms ({d['ratio']:.2f}x)."]
+    lines += ["", f"Decode step alone ({s['requests']} rows, {d['rounds']} alternating rounds of "
+              f"{d['steps_per_round']} steps): ours {d['ours_decode_step_ms']:.1f} ms with no adapter, HF forward "
+              f"with its KV cache {d['hf_decode_step_ms']:.1f} ms ({d['ratio']:.2f}x); ours over "
+              f"{d['adapters']} adapters {d['ours_mixed_decode_step_ms']:.1f} ms "
+              f"({d['mixed_vs_base']:.3f}x our no-adapter step's throughput)."]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from service.engine.lora_model import LoraSlots, inject_multi_lora
+from service.engine.packed_linear import pack_block_linears
 
 
 class StackedHeads(nn.Module):
@@ -142,6 +143,7 @@ class ClassifierEngine:
         self.encoder = encoder
         # Wrapped on the full model so slot paths are the adapters' own (`bert.encoder.layer.0...`).
         self.slots: LoraSlots = inject_multi_lora(model, targets, num_slots, max_rank)
+        pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
         self.labels: list[list[str] | None] = [None] * num_slots
         id2label = getattr(model.config, "id2label", None) or {}
         self.labels[0] = [id2label.get(i, f"LABEL_{i}") for i in range(classifier.out_features)]

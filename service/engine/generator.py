@@ -20,6 +20,7 @@ from adapters.errors import LoraswapError
 from service.engine.kv_cache import KVCache
 from service.engine.lora_model import inject_multi_lora
 from service.engine.model_runner import ModelRunner, decoder_for
+from service.engine.packed_linear import pack_block_linears
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
@@ -141,6 +142,7 @@ class GeneratorEngine:
         self.max_model_len, self.max_waiting = max_model_len, max_waiting
         # Targets None = every linear inside the transformer blocks (q/k/v/o and MLP), never lm_head.
         self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
+        pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
         dec = decoder_for(model)
         self.kv_cache = KVCache(
             len(dec.blocks),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from service.engine.lora import MultiLoraLinear, SlotState
+from service.engine.lora import MultiLoraLinear, SlotGroups, SlotState
 
 # A path component that is a number means "inside a repeated block list" (encoder.layer.3,
 # model.layers.3, transformer.h.3): the default targets are every linear there, never the heads.
@@ -49,15 +49,18 @@ class LoraSlots:
         self.max_rank = max_rank
 
     @contextmanager
-    def use(self, slot_ids: Tensor) -> Iterator[None]:
-        """Route row i of every wrapped input to slot slot_ids[i] for the duration of the block."""
+    def use(self, slot_ids: Tensor, laid_out: bool = False) -> Iterator[SlotGroups | None]:
+        """Route row i of every wrapped input to slot slot_ids[i] for the duration of the block.
+
+        With `laid_out`, yields the SlotGroups whose padded layout every wrapped input must then arrive in
+        (row i at `groups.index[i]`, `count * width` rows), or None: rows stay as they are."""
         device = next(iter(self.modules.values())).lora_A.device if self.modules else None
         slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=device)
         if slot_ids.numel() and (int(slot_ids.min()) < 0 or int(slot_ids.max()) >= self.num_slots):
             raise ValueError(f"slot ids must be in [0, {self.num_slots}), got {slot_ids.tolist()}")
-        self.state.set(slot_ids)
+        self.state.set(slot_ids, laid_out)
         try:
-            yield
+            yield self.state.groups if self.state.laid_out else None
         finally:
             self.state.set(None)
 

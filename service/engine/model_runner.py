@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.engine.kv_cache import KVCache
+from service.engine.lora import SlotGroups
 from service.engine.lora_model import LoraSlots
+from service.engine.packed_linear import PackedLinear, can_pack
 from service.engine.sampling import sample
 from service.engine.sequence import Sequence
 
@@ -121,29 +123,38 @@ def decoder_for(model: nn.Module) -> Decoder:
 
 
 def output_projection(lm_head: nn.Module) -> Callable[[Tensor], Tensor]:
-    """lm_head as the runner calls it. On CPU a plain fp32 nn.Linear runs through oneDNN with its weight
-    reordered once into oneDNN's blocked layout: for the tall [vocab, hidden] weight that is ~1.7x faster
-    than F.linear's MKL GEMM at decode shapes (SmolLM2-135M, 16 rows: 17.8 vs 31.3 ms), and lm_head is a
-    quarter of a decode step. The reordered copy costs vocab x hidden more memory; the original stays,
-    because tied input embeddings read it by rows. Anything else (GPU, other dtypes, a wrapped head) is
-    called as it is."""
-    if (
-        type(lm_head) is not nn.Linear
-        or lm_head.weight.device.type != "cpu"
-        or lm_head.weight.dtype != torch.float32
-        or not torch.backends.mkldnn.is_available()
-    ):
-        return lm_head
-    from torch.utils.mkldnn import MkldnnLinear
+    """lm_head as the runner calls it: packed for oneDNN on CPU fp32 (see packed_linear.py; for the tall
+    [vocab, hidden] weight at SmolLM2-135M decode shapes, 16 rows, ~1.7x faster than F.linear), anything
+    else as it is. The model keeps its own lm_head, whose weight tied input embeddings read by rows, so the
+    packed copy costs vocab x hidden more memory."""
+    return PackedLinear(lm_head) if can_pack(lm_head) else lm_head
 
-    return MkldnnLinear(lm_head, torch.float32)
+
+def decode_bias(mask: Tensor) -> Tensor | None:
+    """The additive form of a bool attention mask, for `attend`'s CPU decode path (once per forward,
+    shared by every layer); None where that path is not taken."""
+    if mask.device.type != "cpu":
+        return None
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """softmax(q k^T * scale, masked) v. With `bias` (CPU decode, one query per head: the kernel reads
+    the whole cache span for a few query rows) two matmuls and a softmax, ~40 % faster than CPU
+    `scaled_dot_product_attention` at SmolLM2-135M decode shapes, 16 rows x ~110 positions
+    (benchmarks/README.md); everything else goes to `scaled_dot_product_attention`. Every query sees at
+    least its own position, so no row of the softmax is all -inf."""
+    if bias is None or q.dtype != torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
+    return torch.matmul(scores.softmax(-1), v)
 
 
 class ModelRunner:
     """Runs one step for a batch of sequences and samples their next tokens.
 
     Attention is the one part written here: new K/V go into the engine's cache rows, then queries attend
-    to cache positions <= their own with `scaled_dot_product_attention`. GQA folds the query heads that
+    to cache positions <= their own (`attend`). GQA folds the query heads that
     share a KV head into the query-length axis, so no K/V is repeated. Rows of a batch are a contiguous
     range of cache rows (the KV cache keeps them dense), so reads and writes use views, not gathers.
     """
@@ -193,29 +204,46 @@ class ModelRunner:
                 raise ValueError("this runner has no LoRA slots")
             hidden = self._layers(ids, positions, slice(lo, lo + len(rows)))
         else:
-            with self.slots.use(slot_ids):
-                hidden = self._layers(ids, positions, slice(lo, lo + len(rows)))
+            # Decode (one token per row) asks for the slot-grouped layout; prefill rows are long enough
+            # that LoRA gathers per row instead (see lora._add_lora_cpu).
+            with self.slots.use(slot_ids, laid_out=ids.shape[1] == 1) as layout:
+                hidden = self._layers(ids, positions, slice(lo, lo + len(rows)), layout)
         hidden = hidden[
             torch.arange(len(seqs), device=dev), last.to(dev)
         ]  # [B, hidden]: lm_head on 1 token/row
         return self.lm_head(self.decoder.final_norm(hidden)).float()
 
-    def _layers(self, ids: Tensor, positions: Tensor, rows: slice) -> Tensor:
+    def _layers(self, ids: Tensor, positions: Tensor, rows: slice, layout: SlotGroups | None = None) -> Tensor:
+        """Hidden states [B, T, hidden] after the last block. With `layout` (mixed adapters in decode) the
+        rows go through every linear in the slots' padded layout, scattered once here rather than in
+        each of the ~200 wrapped linears; attention, which reads the KV cache by row, sees the real rows
+        in batch order. Padding rows carry a dummy token through the linears and are never read."""
         d = self.decoder
         B, T = ids.shape
         H, Hkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
         G = H // Hkv
-        x, rope = d.embed(ids, positions)
+        if layout is None:
+            x, rope = d.embed(ids, positions)
+        else:
+            padded = layout.count * layout.width
+            x, rope = d.embed(
+                ids.new_zeros(padded, T).index_copy_(0, layout.index, ids),
+                positions.new_zeros(padded, T).index_copy_(0, layout.index, positions),
+            )
+            rope = None if rope is None else tuple(t.index_select(0, layout.index) for t in rope)
         span = int(positions.max()) + 1  # cache positions any query of this batch may see
         # mask[b, t, j]: query t of row b sees cache position j iff j <= its own position (causal, and
         # hides whatever an earlier owner or right padding left beyond the row's length).
         mask = torch.arange(span, device=ids.device).view(1, 1, span) <= positions.unsqueeze(-1)
         mask = mask.unsqueeze(1).repeat(1, 1, G, 1) if G > 1 else mask.unsqueeze(1)  # [B, 1, G*T, span]
+        bias = decode_bias(mask) if T == 1 else None
         first = int(positions[:, 0].min())
         uniform_start = bool((positions[:, 0] == first).all())
         for layer, blk in enumerate(d.blocks):
             h = blk.norm1(x)
             q, k, v = blk.qkv(h)
+            if layout is not None:
+                q, k, v = (t.index_select(0, layout.index) for t in (q, k, v))
             q = q.view(B, T, H, hd).transpose(1, 2)
             k = k.view(B, T, Hkv, hd).transpose(1, 2)
             v = v.view(B, T, Hkv, hd).transpose(1, 2)
@@ -231,10 +259,10 @@ class ModelRunner:
                 v_cache.transpose(1, 2)[b, positions] = v.transpose(1, 2)
             # [B, H, T, hd] -> [B, Hkv, G*T, hd]: query heads h*G..h*G+G-1 share KV head h.
             qg = q.reshape(B, Hkv, G * T, hd)
-            out = F.scaled_dot_product_attention(
-                qg, k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask, scale=blk.scaling
-            )
+            out = attend(qg, k_cache[:, :, :span], v_cache[:, :, :span], mask, bias, blk.scaling)
             out = out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+            if layout is not None:
+                out = out.new_zeros(x.shape[0], T, H * hd).index_copy_(0, layout.index, out)
             x = x + blk.out_proj(out)
             x = x + blk.mlp(blk.norm2(x))
-        return x
+        return x if layout is None else x.index_select(0, layout.index)

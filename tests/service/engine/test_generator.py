@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from adapters.fingerprint import describe_base
 from adapters.format import import_peft_folder, read_adapter
 from service.engine.generator import Detokenizer, EngineOverloadedError, GeneratorEngine
-from service.engine.model_runner import output_projection
+from service.engine.model_runner import attend, decode_bias, output_projection
 from service.engine.sampling import SamplingParams
 
 EOS = 0
@@ -372,7 +372,7 @@ def test_output_projection_matches_lm_head(bias: bool) -> None:
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     project = output_projection(head)
-    assert project is not head  # the CPU fast path: oneDNN with a reordered copy of the weight
+    assert project is not head  # the CPU fast path: oneDNN with a reordered copy of the weight (PackedLinear)
     h = torch.randn(5, 16)
     torch.testing.assert_close(project(h), head(h), rtol=1e-5, atol=1e-6)
     assert head.weight.is_contiguous() and head.weight.shape == (50, 16)  # the original stays as it was
@@ -381,3 +381,19 @@ def test_output_projection_matches_lm_head(bias: bool) -> None:
 def test_output_projection_leaves_other_modules_alone() -> None:
     wrapped = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert output_projection(wrapped) is wrapped
+
+
+@pytest.mark.parametrize("groups", [1, 3])  # MHA (GPT-2) and GQA folded into the query axis (Llama)
+def test_decode_attention_matches_sdpa(groups: int) -> None:
+    """attend's CPU decode path (matmul + additive mask + softmax) equals scaled_dot_product_attention."""
+    torch.manual_seed(0)
+    B, Hkv, span, hd = 5, 2, 11, 8
+    q, k, v = torch.randn(B, Hkv, groups, hd), torch.randn(B, Hkv, span, hd), torch.randn(B, Hkv, span, hd)
+    positions = torch.tensor([[0], [3], [10], [7], [5]])  # row 0 sees only its first position
+    mask = (torch.arange(span).view(1, 1, span) <= positions.unsqueeze(-1)).unsqueeze(1).repeat(1, 1, groups, 1)
+    bias = decode_bias(mask)
+    assert bias is not None
+    got = attend(q, k, v, mask, bias, 0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attend(q, k, v, mask, None, 0.3), want)  # no bias: SDPA itself

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from service.engine.lora import MultiLoraLinear, SlotState, group_rows, lora_delta_reference
 from service.engine.lora_model import inject_multi_lora, matches_target
+from service.engine.packed_linear import pack_block_linears
 
 torch.manual_seed(0)
 
@@ -51,6 +52,29 @@ def test_group_rows_layout() -> None:
     # slot 1 owns padded rows 0-1, slot 2 rows 2-3, slot 3 rows 4-5; arrival order kept within a slot
     assert groups.index.tolist() == [4, 0, 5, 2, 1]
     assert group_rows(torch.tensor([1, 9, 9, 9]), [1, 9]) is None  # 9 slots x 3 rows > 2 x 4 rows
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_laid_out_rows_match_reference(kind: str) -> None:
+    """Rows the caller scattered into the groups' padded layout (what the model runner does in decode)
+    get the same result as rows in batch order; padding rows are accepted and ignored."""
+    base = nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)
+    state = SlotState()
+    layer = MultiLoraLinear(base, state, num_slots=4, max_rank=6)
+    _random_slots(layer, {1: 2, 2: 6, 3: 4})
+    ids = torch.tensor([3, 1, 3, 2, 1])
+    x = torch.randn(5, 1, 12)
+    state.set(ids, laid_out=True)
+    assert state.laid_out and state.rows == 6  # 3 slots x 2 rows: one padding row (slot 2's second)
+    padded = x.new_zeros(6, 1, 12).index_copy_(0, state.groups.index, x)
+    with torch.no_grad():
+        got = layer(padded).index_select(0, state.groups.index)
+        want = base(x) + lora_delta_reference(x, ids, layer.lora_A, layer.lora_B)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="6 rows"):
+            layer(x)  # rows in batch order while the layout was promised
+    state.set(torch.tensor([1, 1, 1]), laid_out=True)  # uniform: no layout needed, none granted
+    assert not state.laid_out and state.rows == 3
 
 
 def test_load_folds_scale_and_pads_rank() -> None:
@@ -167,7 +191,8 @@ def _tiny_llama() -> nn.Module:
         (_tiny_bert, [["query", "value"], ["query", "key", "value", "output.dense"], ["intermediate.dense"]]),
     ],
 )
-def test_mixed_batch_matches_peft_per_row(make, adapter_targets) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_mixed_batch_matches_peft_per_row(make, adapter_targets, packed: bool) -> None:
     torch.manual_seed(1)
     base = make()
     state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -184,6 +209,8 @@ def test_mixed_batch_matches_peft_per_row(make, adapter_targets) -> None:
     slots = inject_multi_lora(base, None, num_slots=len(adapters) + 1, max_rank=8)
     for i, (_, lora, scale) in enumerate(adapters, start=1):
         slots.load(i, lora, scale)
+    if packed:  # as the engines run on CPU fp32: every block linear (LoRA bases included) in oneDNN layout
+        assert pack_block_linears(base) > 0
 
     ids = torch.randint(1, 100, (7, 9))
     slot_ids = torch.tensor([0, 1, 2, 3, 1, 0, 3])
