@@ -192,7 +192,8 @@ class MultiLoraLinear(nn.Module):
         Shapes are checked by the caller (`LoraSlots.load`) before any slot is touched."""
         r = A.shape[0]
         self.lora_A[slot, :, :r].copy_(A.t())
-        self.lora_B[slot, :r, :].copy_(B.t() * scale)  # scale in fp32 before the cast to the stack dtype
+        # Scaled straight into the slot (no temporary); computed in fp32, then cast to the stack dtype.
+        torch.mul(B.t(), scale, out=self.lora_B[slot, :r, :])
         if r < self.max_rank:  # only the padding is zeroed: each byte of the slot is written once
             self.lora_A[slot, :, r:].zero_()
             self.lora_B[slot, r:, :].zero_()
