@@ -23,6 +23,9 @@ log = logging.getLogger("loraswap.server")
 
 def create_app(settings: Settings | None = None, *, classifier=None, generator=None, registry=None,
                auth: KeyStore | None = None) -> FastAPI:
+    """The service app. `classifier`/`generator`/`registry` replace what `settings` would build (tests,
+    benchmarks); an engine passed in keeps its own slot count: `max_gpu_adapters` and `max_rank` size
+    only the engines built here."""
     settings = settings or load_settings()
     ctx = ServiceContext(settings=settings)
 
