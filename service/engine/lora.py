@@ -51,24 +51,29 @@ class SlotState:
     uniform_slot: int | None = None  # set when every row uses the same adapter slot (> 0)
     groups: SlotGroups | None = None  # CPU, mixed slots over a dense range: see group_rows
     laid_out: bool = False  # inputs arrive already in `groups`' padded layout (the caller scattered them)
-    rows: int = 0  # x.shape[0] of every wrapped input: len(slot_ids), or count * width when laid out
+
+    @property
+    def rows(self) -> int:
+        """x.shape[0] of every wrapped input: one per slot id, or count * width when laid out."""
+        if self.laid_out:
+            return self.groups.count * self.groups.width
+        return 0 if self.slot_ids is None else self.slot_ids.shape[0]
 
     def set(self, slot_ids: Tensor | None, laid_out: bool = False) -> None:
         """Route the next forward's rows; with `laid_out`, ask for the padded layout (granted when
         `groups` is set: the caller reads `self.laid_out` and scatters its rows once for every linear)."""
         self.groups, self.laid_out = None, False
         if slot_ids is None:
-            self.slot_ids, self.active, self.uniform_slot, self.rows = None, False, None, 0
+            self.slot_ids, self.active, self.uniform_slot = None, False, None
             return
         slot_ids = slot_ids.to(dtype=torch.long)
         distinct = torch.unique(slot_ids).tolist()  # one host sync per forward pass, not per linear; sorted
-        self.slot_ids, self.rows = slot_ids, slot_ids.shape[0]
+        self.slot_ids = slot_ids
         self.active = any(s != 0 for s in distinct)
         self.uniform_slot = distinct[0] if len(distinct) == 1 and distinct[0] != 0 else None
         if self.active and self.uniform_slot is None and slot_ids.device.type == "cpu":
             self.groups = group_rows(slot_ids, distinct)
-            if laid_out and self.groups is not None:
-                self.laid_out, self.rows = True, self.groups.count * self.groups.width
+            self.laid_out = laid_out and self.groups is not None
 
 
 def base_features(base: nn.Module) -> tuple[int, int]:

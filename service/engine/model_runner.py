@@ -130,12 +130,12 @@ def output_projection(lm_head: nn.Module) -> Callable[[Tensor], Tensor]:
     return PackedLinear(lm_head) if can_pack(lm_head) else lm_head
 
 
-def decode_bias(mask: Tensor) -> Tensor | None:
-    """The additive form of a bool attention mask, for `attend`'s CPU decode path (once per forward,
-    shared by every layer); None where that path is not taken."""
-    if mask.device.type != "cpu":
+def decode_bias(mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The additive form of a bool attention mask, for `attend`'s CPU fp32 decode path (once per
+    forward, shared by every layer); None where that path is not taken."""
+    if mask.device.type != "cpu" or dtype != torch.float32:
         return None
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, scale: float) -> Tensor:
@@ -144,7 +144,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, s
     `scaled_dot_product_attention` at SmolLM2-135M decode shapes, 16 rows x ~110 positions
     (benchmarks/README.md); everything else goes to `scaled_dot_product_attention`. Every query sees at
     least its own position, so no row of the softmax is all -inf."""
-    if bias is None or q.dtype != torch.float32:
+    if bias is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
     return torch.matmul(scores.softmax(-1), v)
@@ -236,7 +236,7 @@ class ModelRunner:
         # hides whatever an earlier owner or right padding left beyond the row's length).
         mask = torch.arange(span, device=ids.device).view(1, 1, span) <= positions.unsqueeze(-1)
         mask = mask.unsqueeze(1).repeat(1, 1, G, 1) if G > 1 else mask.unsqueeze(1)  # [B, 1, G*T, span]
-        bias = decode_bias(mask) if T == 1 else None
+        bias = decode_bias(mask, x.dtype) if T == 1 else None
         first = int(positions[:, 0].min())
         uniform_start = bool((positions[:, 0] == first).all())
         for layer, blk in enumerate(d.blocks):

@@ -10,17 +10,12 @@ Everything else (GPU, other dtypes, a torch without the oneDNN ops) keeps the mo
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from service.engine.lora import base_features
-
-# Linears inside the repeated transformer blocks (`encoder.layer.3.`, `model.layers.3.`, `transformer.h.3.`):
-# heads, poolers and a (possibly tied) lm_head outside them are left alone.
-_IN_BLOCK = re.compile(r"(^|\.)\d+\.")
+from service.engine.lora_model import matches_target
 
 
 def can_pack(module: nn.Module) -> bool:
@@ -62,8 +57,9 @@ class PackedLinear(nn.Module):
 
 def pack_block_linears(model: nn.Module) -> int:
     """Replace every packable linear inside the model's transformer blocks (MultiLoraLinear bases
-    included) with a PackedLinear, in place. Returns how many were replaced; 0 off CPU fp32."""
-    chosen = [(path, m) for path, m in model.named_modules() if _IN_BLOCK.search(path) and can_pack(m)]
+    included) with a PackedLinear, in place. Returns how many were replaced; 0 off CPU fp32. "Inside the
+    blocks" is the default LoRA targets' rule: heads, poolers and a (possibly tied) lm_head stay as they are."""
+    chosen = [(path, m) for path, m in model.named_modules() if matches_target(path, None) and can_pack(m)]
     for path, module in chosen:
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, PackedLinear(module))

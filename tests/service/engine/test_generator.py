@@ -391,8 +391,8 @@ def test_decode_attention_matches_sdpa(groups: int) -> None:
     q, k, v = torch.randn(B, Hkv, groups, hd), torch.randn(B, Hkv, span, hd), torch.randn(B, Hkv, span, hd)
     positions = torch.tensor([[0], [3], [10], [7], [5]])  # row 0 sees only its first position
     mask = (torch.arange(span).view(1, 1, span) <= positions.unsqueeze(-1)).unsqueeze(1).repeat(1, 1, groups, 1)
-    bias = decode_bias(mask)
-    assert bias is not None
+    bias = decode_bias(mask, torch.float32)
+    assert bias is not None and decode_bias(mask, torch.bfloat16) is None  # bf16 keeps SDPA
     got = attend(q, k, v, mask, bias, 0.3)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
