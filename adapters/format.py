@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -46,6 +50,7 @@ UNSUPPORTED_OPTIONS = {
 }
 # Initialisations that rewrite the base weights: the adapter would only be right on that modified base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,17 +76,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _listing(folder: Path) -> dict[str, int]:
+    """Every regular file under folder (posix relative path -> size) except the manifest itself. One
+    os.walk with one stat per file: what the pickle check, the file checks and the size limit all read."""
+    out: dict[str, int] = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)  # follows a symlinked file, as Path.is_file does
+            except OSError:
+                continue
+            rel = Path(path).relative_to(folder).as_posix()
+            if stat.S_ISREG(st.st_mode) and rel not in (MANIFEST_FILE, f".{MANIFEST_FILE}.tmp"):
+                out[rel] = st.st_size
+    return out
+
+
 def _files_in(folder: Path) -> list[str]:
-    """Every file under folder (posix relative paths) except the manifest itself."""
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.relative_to(folder).as_posix() not in (MANIFEST_FILE, f".{MANIFEST_FILE}.tmp")
-    )
+    return sorted(_listing(folder))
 
 
-def _refuse_pickles(folder: Path) -> None:
-    for rel in _files_in(folder):
+def _refuse_pickles(folder: Path, listing: dict[str, int] | None = None) -> None:
+    for rel in sorted(_listing(folder) if listing is None else listing):
         if rel.lower().endswith(PICKLE_SUFFIXES):
             raise AdapterValidationError(
                 f"{rel}: pickle weights are refused (never unpickled); save with safetensors"
@@ -89,21 +106,22 @@ def _refuse_pickles(folder: Path) -> None:
             )
 
 
-def _check_files(folder: Path, manifest: Manifest, max_bytes: int) -> None:
-    present = _files_in(folder)
+def _check_files(folder: Path, manifest: Manifest, max_bytes: int, listing: dict[str, int] | None = None) -> None:
+    listing = _listing(folder) if listing is None else listing
+    present = set(listing)
     for rel in manifest.files:
         if rel.startswith("/") or ".." in Path(rel).parts or "\\" in rel:
             raise AdapterValidationError(f"manifest lists an unsafe file path {rel!r}")
-    unlisted = sorted(set(present) - set(manifest.files))
+    unlisted = sorted(present - set(manifest.files))
     if unlisted:
         raise AdapterValidationError(f"file {unlisted[0]} is not listed in the manifest's sha256 list")
-    missing = sorted(set(manifest.files) - set(present))
+    missing = sorted(set(manifest.files) - present)
     if missing:
         raise AdapterValidationError(f"file {missing[0]} listed in the manifest is missing")
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if required not in present:
             raise AdapterValidationError(f"{required} is missing from {folder}")
-    total = sum((folder / rel).stat().st_size for rel in present)
+    total = sum(listing.values())
     if total > max_bytes:
         raise AdapterValidationError(f"adapter is too large: {total} bytes > limit {max_bytes}")
     for rel, expected in manifest.files.items():
@@ -184,19 +202,40 @@ def _base_path(path: str, base: BaseModelInfo | None) -> str:
     return found[0] if len(found) == 1 else path
 
 
-def _load_tensors(folder: Path, expected_sha256: str | None = None) -> dict[str, Tensor]:
+# One thread hashes the weights while the caller parses them: hashlib releases the GIL on large buffers.
+_HASHER = ThreadPoolExecutor(1, thread_name_prefix="adapter-sha256")
+
+
+def _load_tensors(folder: Path, expected_sha256: str | None = None, parse: Callable[[dict], T] | None = None):
     """Read the weights once: the bytes that are hashed are the bytes that are loaded (no window for the
     file to change between the check and the load, and one read instead of two on the load path).
-    `expected_sha256` None: no manifest yet (import), nothing to check against."""
+    `expected_sha256` None: no manifest yet (import), nothing to check against.
+
+    With `parse`, returns parse(tensors), run while another thread hashes the same bytes (the ~2 ms sha256
+    of a few-MB adapter leaves the load path when a core is free). A hash mismatch is still reported
+    first, before any error `parse` raised, and nothing is returned unless the hash matched."""
     data = (folder / WEIGHTS_FILE).read_bytes()
-    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        _sha_mismatch(WEIGHTS_FILE)
+    digest = None if expected_sha256 is None else _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())
+
+    def verify() -> None:
+        if digest is not None and digest.result() != expected_sha256:
+            _sha_mismatch(WEIGHTS_FILE)
+
+    if parse is None:
+        verify()
     try:
-        return load_safetensors(data)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterValidationError(
-            f"{WEIGHTS_FILE}: not a valid safetensors file (truncated or corrupt: {exc})"
-        ) from None
+        try:
+            tensors = load_safetensors(data)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterValidationError(
+                f"{WEIGHTS_FILE}: not a valid safetensors file (truncated or corrupt: {exc})"
+            ) from None
+        result = tensors if parse is None else parse(tensors)
+    except AdapterValidationError:
+        verify()
+        raise
+    verify()
+    return result
 
 
 def split_tensors(
@@ -350,7 +389,8 @@ def read_adapter(
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterValidationError(f"adapter folder {folder} does not exist")
-    _refuse_pickles(folder)
+    listing = _listing(folder)
+    _refuse_pickles(folder, listing)
     manifest = Manifest.load(folder)
     validate_name(manifest.name)
     if base is not None:
@@ -364,16 +404,19 @@ def read_adapter(
                 f" {manifest.base_model.fingerprint[:19]}...), not on {base.name} ({base.fingerprint[:19]}...):"
                 " fingerprint mismatch"
             )
-    _check_files(folder, manifest, max_bytes)
+    _check_files(folder, manifest, max_bytes, listing)
     config = _read_config(folder)
     _check_manifest_vs_config(manifest, config)
-    tensors = _load_tensors(folder, manifest.files[WEIGHTS_FILE])
-    lora_parts, head = split_tensors(tensors, config, base)
     scale = _scale(float(config["lora_alpha"]), int(config["r"]), bool(config.get("use_rslora")))
-    lora = _check_lora(lora_parts, config, base, max_rank, scale)
-    _check_head(manifest, head, base)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return AdapterWeights(manifest=manifest, scale=scale, lora=lora, head=head, nbytes=nbytes)
+
+    def parse(tensors: dict[str, Tensor]) -> AdapterWeights:
+        lora_parts, head = split_tensors(tensors, config, base)
+        lora = _check_lora(lora_parts, config, base, max_rank, scale)
+        _check_head(manifest, head, base)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return AdapterWeights(manifest=manifest, scale=scale, lora=lora, head=head, nbytes=nbytes)
+
+    return _load_tensors(folder, manifest.files[WEIGHTS_FILE], parse)
 
 
 def validate_adapter(folder: str | Path, base: BaseModelInfo | None = None, **limits: int) -> Manifest:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from service.engine.lora import copy_transposed
 from service.engine.lora_model import LoraSlots, inject_multi_lora
 from service.engine.packed_linear import pack_block_linears
 
@@ -45,11 +46,11 @@ class StackedHeads(nn.Module):
         labels = weight.shape[0]
         self.head_w[slot].zero_()
         self.head_b[slot].fill_(float("-inf"))
-        self.head_w[slot, :, :labels].copy_(weight.t())
+        copy_transposed(self.head_w[slot, :, :labels], weight)
         self.head_b[slot, :labels].copy_(bias)
         if self.has_pooler:
             pw, pb = pooler if pooler is not None else self.base_pooler
-            self.pool_w[slot].copy_(pw.t())
+            copy_transposed(self.pool_w[slot], pw)
             self.pool_b[slot].copy_(pb)
         self.num_labels[slot] = labels
 

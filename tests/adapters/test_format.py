@@ -120,6 +120,17 @@ def test_truncated_safetensors(adapter_dir, base_info):
         read_adapter(adapter_dir, base_info)
 
 
+def test_modified_weights_that_still_parse_are_refused(adapter_dir, base_info):
+    # The hash runs beside the parsing (format._load_tensors): a valid file with other numbers must
+    # still fail on the hash, after parsing succeeded.
+    tensors = load_file(str(adapter_dir / WEIGHTS))
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, str(adapter_dir / WEIGHTS))
+    with pytest.raises(AdapterValidationError, match=f"{WEIGHTS}: sha256 does not match"):
+        read_adapter(adapter_dir, base_info)
+
+
 def test_wrong_shape(adapter_dir, base_info):
     tensors = load_file(str(adapter_dir / WEIGHTS))
     key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from service.engine.lora import MultiLoraLinear, SlotState, group_rows, lora_delta_reference
+from service.engine.lora import MultiLoraLinear, SlotState, copy_transposed, group_rows, lora_delta_reference
 from service.engine.lora_model import inject_multi_lora, matches_target
 from service.engine.packed_linear import pack_block_linears
 
@@ -85,6 +85,17 @@ def test_load_folds_scale_and_pads_rank() -> None:
     torch.testing.assert_close(x @ layer.lora_A[1] @ layer.lora_B[1], 2.0 * (x @ A.t() @ B.t()))
     assert not layer.lora_A[1, :, 2:].any() and not layer.lora_B[1, 2:].any()
     assert not layer.lora_A[0].any() and not layer.lora_B[0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy path / torch path
+@pytest.mark.parametrize("scale", [None, 0.37])
+def test_copy_transposed_matches_torch(dtype: torch.dtype, scale: float | None) -> None:
+    src = torch.randn(3, 5).to(dtype)
+    stack = torch.zeros(2, 5, 4, dtype=dtype)
+    copy_transposed(stack[1, :, :3], src, scale)  # a strided slice of a slot, as load_slot writes it
+    expected = src.t() if scale is None else torch.mul(src.t(), scale)
+    assert torch.equal(stack[1, :, :3], expected)  # bit for bit, the scale product included
+    assert not stack[0].any() and not stack[1, :, 3].any()
 
 
 def test_matches_target_peft_style() -> None:
