@@ -165,6 +165,10 @@ def _decode_steps(engine, hf_model, prompts: list[list[int]], slots: list[int], 
     kv = KVCache(len(dec.blocks), dec.num_kv_heads, dec.head_dim, n, engine.max_model_len,
                  dtype=engine.kv_cache.k.dtype, device=device)  # fmt: skip
     runner = ModelRunner(engine.runner.model, kv, engine.slots)
+    if engine.runner.graphs is not None:  # CUDA: the step the engine runs, replayed from graphs
+        from service.engine.cuda_graphs import DecodeGraphs
+
+        runner.graphs = DecodeGraphs(runner, n, engine.max_model_len)
     seqs = [Sequence(p, SamplingParams(max_tokens=10**6, temperature=0, ignore_eos=True)) for p in prompts]
     for seq in seqs:
         kv.allocate(seq)

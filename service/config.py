@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     # Generation.
     max_num_seqs: int = Field(16, ge=1)
     max_model_len: int = Field(2048, ge=16)
+    cuda_graphs: bool = Field(True, description="replay generation decode steps from CUDA graphs (GPU only)")
 
     # Request limits.
     max_body_bytes: int = Field(1 << 20, ge=1024)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from adapters.errors import LoraswapError
+from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.kv_cache import KVCache
 from service.engine.lora_model import inject_multi_lora
 from service.engine.model_runner import ModelRunner, decoder_for
@@ -130,6 +131,7 @@ class GeneratorEngine:
         targets: str | Seq[str] | None = None,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = True,
     ) -> None:
         model = model.to(device=device, dtype=dtype).eval()
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(
@@ -155,6 +157,8 @@ class GeneratorEngine:
         )
         self.scheduler = Scheduler(self.kv_cache, max_num_batched_tokens, self._eos_ids(model, tokenizer))
         self.runner = ModelRunner(model, self.kv_cache, self.slots)
+        if cuda_graphs and torch.device(device).type == "cuda":
+            self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, self.kv_cache.max_model_len)
         self._streams: dict[int, _Stream] = {}
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[int] = deque()

@@ -60,6 +60,12 @@ class SlotState:
             return self.groups.count * self.groups.width
         return 0 if self.slot_ids is None else self.slot_ids.shape[0]
 
+    def set_static(self, slot_ids: Tensor) -> None:
+        """Route rows with no host sync and no branch on the ids' values (what CUDA graph capture needs):
+        every wrapped linear takes the gathered path, rows of slot 0 included (their A/B are zeros)."""
+        self.slot_ids, self.active, self.uniform_slot = slot_ids, True, None
+        self.groups, self.laid_out = None, False
+
     def set(self, slot_ids: Tensor | None, laid_out: bool = False) -> None:
         """Route the next forward's rows; with `laid_out`, ask for the padded layout (granted when
         `groups` is set: the caller reads `self.laid_out` and scatters its rows once for every linear)."""
@@ -95,7 +101,9 @@ def copy_transposed(dst: Tensor, src: Tensor, scale: float | None = None) -> Non
             np.copyto(dst.numpy(), src.numpy().T)
         else:  # a float32 product, as torch.mul of a float32 tensor by a Python float
             np.multiply(src.numpy().T, np.float32(scale), out=dst.numpy())
-    elif scale is None:
+        return
+    src = src.to(dst.device, non_blocking=True)  # host (pinned) -> GPU slot: `out=` needs one device
+    if scale is None:
         dst.copy_(src.t())
     else:
         torch.mul(src.t(), scale, out=dst)

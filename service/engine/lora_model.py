@@ -64,6 +64,16 @@ class LoraSlots:
         finally:
             self.state.set(None)
 
+    @contextmanager
+    def use_static(self, slot_ids: Tensor) -> Iterator[None]:
+        """`use` for a CUDA graph: `slot_ids` is a buffer on the model's device whose values change between
+        replays, so nothing here reads them (no range check: the caller fills it from checked slots)."""
+        self.state.set_static(slot_ids)
+        try:
+            yield
+        finally:
+            self.state.set(None)
+
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot < self.num_slots:
             raise ValueError(

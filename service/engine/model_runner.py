@@ -166,10 +166,14 @@ class ModelRunner:
         self.slots = slots
         self.device = next(model.parameters()).device
         self.lm_head = output_projection(self.decoder.lm_head)
+        self.graphs = None  # DecodeGraphs (cuda_graphs.py) when the engine replays decode from CUDA graphs
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        logits = self.prefill(seqs) if is_prefill else self.decode(seqs)
+        if is_prefill:
+            logits = self.prefill(seqs)
+        else:
+            logits = self.decode(seqs) if self.graphs is None else self.graphs.logits(seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     def prefill(self, seqs: list[Sequence]) -> Tensor:
@@ -190,6 +194,18 @@ class ModelRunner:
         ids = torch.tensor([[s.last_token] for s in seqs])
         positions = torch.tensor([[s.num_cached] for s in seqs])
         return self._forward(seqs, ids, positions, torch.zeros(len(seqs), dtype=torch.long))
+
+    def decode_static(self, ids: Tensor, positions: Tensor, slot_ids: Tensor | None, span: int) -> Tensor:
+        """One decode step over cache rows 0..B-1 with every shape fixed by (B, span) and no host sync:
+        the body of a CUDA graph (cuda_graphs.py). ids, positions [B, 1] and slot_ids [B] (None: no LoRA)
+        live on the model's device; `span` >= every position + 1 bounds what attention reads."""
+        rows = slice(0, ids.shape[0])
+        if slot_ids is None or self.slots is None:
+            hidden = self._layers(ids, positions, rows, span=span)
+        else:
+            with self.slots.use_static(slot_ids):
+                hidden = self._layers(ids, positions, rows, span=span)
+        return self.lm_head(self.decoder.final_norm(hidden[:, 0])).float()
 
     def _forward(self, seqs: list[Sequence], ids: Tensor, positions: Tensor, last: Tensor) -> Tensor:
         dev = self.device
@@ -213,11 +229,15 @@ class ModelRunner:
         ]  # [B, hidden]: lm_head on 1 token/row
         return self.lm_head(self.decoder.final_norm(hidden)).float()
 
-    def _layers(self, ids: Tensor, positions: Tensor, rows: slice, layout: SlotGroups | None = None) -> Tensor:
+    def _layers(
+        self, ids: Tensor, positions: Tensor, rows: slice, layout: SlotGroups | None = None, span: int | None = None
+    ) -> Tensor:
         """Hidden states [B, T, hidden] after the last block. With `layout` (mixed adapters in decode) the
         rows go through every linear in the slots' padded layout, scattered once here rather than in
         each of the ~200 wrapped linears; attention, which reads the KV cache by row, sees the real rows
-        in batch order. Padding rows carry a dummy token through the linears and are never read."""
+        in batch order. Padding rows carry a dummy token through the linears and are never read.
+        `span` given (decode_static): attention reads that many cache positions and every row writes its
+        own position, so nothing depends on the positions' values on the host."""
         d = self.decoder
         B, T = ids.shape
         H, Hkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
@@ -231,14 +251,16 @@ class ModelRunner:
                 positions.new_zeros(padded, T).index_copy_(0, layout.index, positions),
             )
             rope = None if rope is None else tuple(t.index_select(0, layout.index) for t in rope)
-        span = int(positions.max()) + 1  # cache positions any query of this batch may see
+        static = span is not None
+        if span is None:
+            span = int(positions.max()) + 1  # cache positions any query of this batch may see
         # mask[b, t, j]: query t of row b sees cache position j iff j <= its own position (causal, and
         # hides whatever an earlier owner or right padding left beyond the row's length).
         mask = torch.arange(span, device=ids.device).view(1, 1, span) <= positions.unsqueeze(-1)
         mask = mask.unsqueeze(1).repeat(1, 1, G, 1) if G > 1 else mask.unsqueeze(1)  # [B, 1, G*T, span]
         bias = decode_bias(mask, x.dtype) if T == 1 else None
-        first = int(positions[:, 0].min())
-        uniform_start = bool((positions[:, 0] == first).all())
+        first = 0 if static else int(positions[:, 0].min())
+        uniform_start = not static and bool((positions[:, 0] == first).all())
         for layer, blk in enumerate(d.blocks):
             h = blk.norm1(x)
             q, k, v = blk.qkv(h)

@@ -1,5 +1,6 @@
 """Tests for service/engine/generator.py: mixed-adapter continuous batching against HF `generate` + PEFT
-per request (tiny Llama and GPT-2), sampling seeds, stop strings, limits, cancellation, detokenization.
+per request (tiny Llama and GPT-2), sampling seeds, stop strings, limits, cancellation, detokenization,
+and the CUDA-graph decode (cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from adapters.fingerprint import describe_base
 from adapters.format import import_peft_folder, read_adapter
+from service.engine.cuda_graphs import DecodeGraphs, _buckets
 from service.engine.generator import Detokenizer, EngineOverloadedError, GeneratorEngine
 from service.engine.model_runner import attend, decode_bias, output_projection
 from service.engine.sampling import SamplingParams
+from service.engine.sequence import Sequence
 
 EOS = 0
 
@@ -128,7 +131,7 @@ def make_adapters(base: torch.nn.Module, arch: str, work: Path, base_info) -> li
 
 
 def oracle(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
@@ -161,8 +164,19 @@ def make_engine(arch: str, **kw) -> tuple[GeneratorEngine, torch.nn.Module]:
     return GeneratorEngine(copy.deepcopy(base), byte_tokenizer(), info, **kw), base
 
 
-async def test_mixed_batch_matches_peft_per_request(arch: str, tmp_path: Path) -> None:
-    engine, base = make_engine(arch)
+@pytest.mark.parametrize(
+    "decode",
+    [
+        "eager",
+        "static",  # the CUDA graphs' body (cuda_graphs.py) run eagerly: padded batch buckets, fixed span
+        pytest.param("cuda_graphs", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
+async def test_mixed_batch_matches_peft_per_request(arch: str, decode: str, tmp_path: Path) -> None:
+    device = "cuda" if decode == "cuda_graphs" else "cpu"
+    engine, base = make_engine(arch, device=device)
+    if decode == "static":
+        engine.runner.graphs = DecodeGraphs(engine.runner, 4, engine.kv_cache.max_model_len, capture=False)
     adapters = make_adapters(base, arch, tmp_path, engine.base_info)
     for slot, (_, weights) in enumerate(adapters, start=1):
         engine.load_slot(slot, weights)
@@ -195,11 +209,16 @@ async def test_mixed_batch_matches_peft_per_request(arch: str, tmp_path: Path) -
         engine.stop()
     for i, (slot, _, n, _) in enumerate(plan):
         if slot == 0:
-            want = oracle(base, prompts[i], n)
+            want = oracle(base.to(device), prompts[i], n)
         else:
-            want = oracle(adapters[slot - 1][0], prompts[i], n)
+            want = oracle(adapters[slot - 1][0].to(device), prompts[i], n)
         assert got[i] == want, f"request {i} (slot {slot}) differs from PEFT + HF generate"
     assert engine.running == 0 and engine.kv_cache_usage == 0.0
+    graphs = engine.runner.graphs
+    if decode == "eager":
+        assert graphs is None
+    else:  # the decode steps went through the graphs, in several batch buckets
+        assert not graphs.failed and len({key[0] for key in graphs.graphs}) >= 2, graphs.graphs.keys()
 
 
 async def test_seeded_sampling_is_reproducible_across_batches() -> None:
@@ -397,3 +416,91 @@ def test_decode_attention_matches_sdpa(groups: int) -> None:
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(attend(q, k, v, mask, None, 0.3), want)  # no bias: SDPA itself
+
+
+# DecodeGraphs (cuda_graphs.py). On CPU the graphs' body runs eagerly (capture=False) on the same static
+# buffers: padding to batch buckets, the fixed attention span and the static LoRA routing are checked
+# against the eager decode; capture and replay themselves run where CUDA is available.
+
+
+def test_buckets() -> None:
+    assert _buckets(4, (1, 2, 4, 8), 16) == [1, 2, 4]
+    assert _buckets(40, (1, 2, 4, 8), 16) == [1, 2, 4, 8, 16, 32, 40]
+    assert _buckets(96, (), 256) == [96]
+    assert _buckets(1024, (), 256) == [256, 512, 768, 1024]
+
+
+def _prefilled(engine, lengths: list[int], slots: list[int]) -> list[Sequence]:
+    """Sequences in KV rows 0..n-1, prefilled and one token sampled, ready to decode."""
+    rng = torch.Generator().manual_seed(3)
+    seqs = []
+    for n, slot in zip(lengths, slots, strict=True):
+        seq = Sequence(torch.randint(1, 128, (n,), generator=rng).tolist(), SamplingParams(temperature=0), slot)
+        engine.kv_cache.allocate(seq)
+        seqs.append(seq)
+    for seq, token in zip(seqs, engine.runner.run(seqs, True), strict=True):
+        seq.num_cached = len(seq)
+        seq.append_token(token)
+    return seqs
+
+
+def _random_slots(engine) -> None:
+    torch.manual_seed(1)
+    for module in engine.slots.modules.values():
+        for slot in (1, 2):
+            A, B = torch.randn(4, module.in_features), torch.randn(module.out_features, 4)
+            module.load_slot(slot, A.to(module.lora_A.device), B.to(module.lora_B.device), 0.5)
+
+
+def _engine(device: str = "cpu", **kw):
+    engine, _ = make_engine("llama", device=device, **kw)
+    _random_slots(engine)
+    return engine
+
+
+@pytest.mark.parametrize("slots", [[0, 0, 0], [1, 0, 2]])
+def test_static_step_matches_eager_decode(slots: list[int]) -> None:
+    engine = _engine()
+    graphs = DecodeGraphs(engine.runner, 4, engine.kv_cache.max_model_len, capture=False)
+    seqs = _prefilled(engine, [5, 11, 2], slots)
+    with torch.inference_mode():
+        want = engine.runner.decode(seqs)
+        got = graphs.logits(seqs)  # 3 rows padded to the bucket of 4; row 3 is free
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert list(graphs.graphs) == [(4, 96, slots != [0, 0, 0])]
+    assert graphs.slot_ids[:4].tolist() == [*slots, 0] and graphs.positions[:4, 0].tolist() == [5, 11, 2, 0]
+
+
+def test_rows_not_from_zero_and_capture_failure_fall_back_to_eager(monkeypatch) -> None:
+    engine = _engine()
+    graphs = DecodeGraphs(engine.runner, 4, engine.kv_cache.max_model_len, capture=False)
+    seqs = _prefilled(engine, [4, 6, 3], [1, 2, 0])
+    with torch.inference_mode():
+        want = engine.runner.decode(seqs[1:])
+        torch.testing.assert_close(graphs.logits(seqs[1:]), want)  # rows 1..2: not what a graph covers
+        assert graphs.graphs == {} and not graphs.failed
+
+        def broken(key):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(graphs, "_capture", broken)
+        want = engine.runner.decode(seqs)
+        torch.testing.assert_close(graphs.logits(seqs), want)
+        assert graphs.failed and graphs.graphs == {}
+        torch.testing.assert_close(graphs.logits(seqs), want)  # eager from then on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_graph_replays_new_inputs_on_cuda() -> None:
+    engine = _engine("cuda", cuda_graphs=False)
+    graphs = DecodeGraphs(engine.runner, 4, engine.kv_cache.max_model_len)
+    seqs = _prefilled(engine, [5, 11, 2], [1, 0, 2])
+    with torch.inference_mode():
+        for _ in range(3):  # capture on the first step, replays after it: each step's own inputs
+            want = engine.runner.decode(seqs)
+            got = graphs.logits(seqs)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            for seq, token in zip(seqs, got.argmax(-1).tolist(), strict=True):
+                seq.num_cached = len(seq)
+                seq.append_token(token)
+    assert not graphs.failed and list(graphs.graphs) == [(4, 96, True)]
