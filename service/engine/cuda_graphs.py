@@ -113,7 +113,8 @@ class DecodeGraphs:
             self._body(key)
         torch.cuda.current_stream().wait_stream(stream)
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, pool=self.pool):
+        # thread_local: adapter loads copy into slots from other threads while this thread captures.
+        with torch.cuda.graph(cuda_graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._body(key)
         self.pool = cuda_graph.pool()
         log.info("captured a CUDA graph for decode (batch %d, span %d, adapters %s)", *key)
