@@ -73,7 +73,8 @@ class DecodeGraphs:
         return bucket, span, any(s.slot != 0 for s in seqs)
 
     def logits(self, seqs: list[Sequence]) -> Tensor:
-        """[len(seqs), vocab] logits of one decode step, like `ModelRunner.decode`."""
+        """[len(seqs), vocab] logits of one decode step, like `ModelRunner.decode`. Valid until the next
+        step: graphs share one pool, so a replay may overwrite another graph's output (clone to keep)."""
         n = len(seqs)
         if self.failed or n > self.batch_sizes[-1] or [s.row for s in seqs] != list(range(n)):
             return self.runner.decode(seqs)  # the graphs cover rows 0..bucket-1 only
@@ -107,15 +108,23 @@ class DecodeGraphs:
             return _Eager(lambda: self._body(key))
         # Warm up on a side stream (lazy inits, cuBLAS workspaces) as torch.cuda.graphs documents; the
         # warm-up writes this step's own K/V, which the replay then writes again, identically.
+        previous = torch.cuda.current_stream()
         stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(previous)
         with torch.cuda.stream(stream):
             self._body(key)
-        torch.cuda.current_stream().wait_stream(stream)
+        previous.wait_stream(stream)
         cuda_graph = torch.cuda.CUDAGraph()
-        # thread_local: adapter loads copy into slots from other threads while this thread captures.
-        with torch.cuda.graph(cuda_graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self._body(key)
+        try:
+            # thread_local: adapter loads copy into slots from other threads while this thread captures.
+            with torch.cuda.graph(cuda_graph, pool=self.pool, capture_error_mode="thread_local"):
+                logits = self._body(key)
+        except BaseException:
+            # A failed capture_end skips torch.cuda.graph's stream restore: put this thread back on its
+            # stream, or eager decode would run on the capture stream, unordered with everything else.
+            torch.cuda.set_stream(previous)
+            torch.cuda.synchronize()
+            raise
         self.pool = cuda_graph.pool()
         log.info("captured a CUDA graph for decode (batch %d, span %d, adapters %s)", *key)
         return _Graph(replay=cuda_graph.replay, logits=logits)

@@ -140,6 +140,7 @@ class GeneratorEngine:
         if limit:
             max_model_len = min(max_model_len, limit)
         self.model, self.tokenizer, self.base_info = model, tokenizer, base_info
+        self.device = torch.device(device)  # the adapter manager pins host weights for a CUDA engine
         self.num_slots, self.max_rank = num_slots, max_rank
         self.max_model_len, self.max_waiting = max_model_len, max_waiting
         # Targets None = every linear inside the transformer blocks (q/k/v/o and MLP), never lm_head.

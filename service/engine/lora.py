@@ -93,17 +93,17 @@ def base_features(base: nn.Module) -> tuple[int, int]:
 
 
 def copy_transposed(dst: Tensor, src: Tensor, scale: float | None = None) -> None:
-    """dst = src.t() (times `scale`), written in place. fp32 on CPU goes through numpy: torch's copy of a
-    transposed [r, in] view ran at ~1 GB/s here, numpy's transposing copy ~3x faster, and the slot copy
-    is on the path from POST /v1/adapters to the first answer (benchmarks/README.md)."""
-    if dst.device.type == src.device.type == "cpu" and dst.dtype == src.dtype == torch.float32:
+    """dst = src.t() (times `scale`, in fp32), written in place, whatever src's dtype and device. fp32 on CPU
+    goes through numpy: torch's copy of a transposed [r, in] view ran at ~1 GB/s here, numpy's transposing
+    copy ~3x faster, and the slot copy is on the path from POST /v1/adapters to the first answer
+    (benchmarks/README.md). On a GPU the (pinned) host tensor is sent as it is and converted there."""
+    src = src.to(dst.device, torch.float32, non_blocking=True)
+    if dst.device.type == "cpu" and dst.dtype == torch.float32:
         if scale is None:
             np.copyto(dst.numpy(), src.numpy().T)
         else:  # a float32 product, as torch.mul of a float32 tensor by a Python float
             np.multiply(src.numpy().T, np.float32(scale), out=dst.numpy())
-        return
-    src = src.to(dst.device, non_blocking=True)  # host (pinned) -> GPU slot: `out=` needs one device
-    if scale is None:
+    elif scale is None:
         dst.copy_(src.t())
     else:
         torch.mul(src.t(), scale, out=dst)

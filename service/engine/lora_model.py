@@ -107,15 +107,23 @@ class LoraSlots:
                 )
         for path, module in self.modules.items():
             if path in lora:
-                A, B = lora[path]
-                module.load_slot(slot, A.float(), B.float(), scale)
+                module.load_slot(slot, *lora[path], scale)  # converted to fp32 on the slot's device
             else:
                 module.clear_slot(slot)
+        self._settle()
+
+    def _settle(self) -> None:
+        """On a GPU, wait for this thread's slot copies (non-blocking from pinned memory) before the slot is
+        handed out: the engine may run on another stream (a failed CUDA graph capture, for one)."""
+        first = next(iter(self.modules.values()), None)
+        if first is not None and first.lora_A.is_cuda:
+            torch.cuda.current_stream(first.lora_A.device).synchronize()
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         for module in self.modules.values():
             module.clear_slot(slot)
+        self._settle()
 
 
 def inject_multi_lora(

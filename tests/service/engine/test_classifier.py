@@ -155,3 +155,17 @@ def test_real_minilm_mixed_batch_matches_peft(tmp_path, kit) -> None:
         with torch.no_grad():
             want = model(**tok([text], return_tensors="pt")).logits[0]
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_engine_tracks_fp32(loaded, peft_adapters, tiny_base_dir, kit) -> None:
+    """bf16, the GPU default: unpacked linears, bf16 LoRA stacks and heads, against the fp32 engine."""
+    half = ClassifierEngine(kit.load_base(tiny_base_dir), loaded.tokenizer, INFO, num_slots=12, max_rank=16,
+                            max_length=32, dtype=torch.bfloat16)  # fmt: skip
+    for slot, (_, weights, _) in enumerate(peft_adapters, start=1):
+        half.load_slot(slot, weights)
+    rng = random.Random(2)
+    texts = [kit.random_text(rng) for _ in range(12)]
+    slots = [i % (len(peft_adapters) + 1) for i in range(12)]
+    for want, got, slot in zip(loaded.classify(texts, slots), half.classify(texts, slots), slots, strict=True):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert float((got - want).norm() / want.norm()) < 0.1, slot
