@@ -1,4 +1,5 @@
-"""gen suite: multi-LoRA generation on SmolLM2-135M-Instruct, every case in one run on the same prompts:
+"""gen suite: multi-LoRA generation on SmolLM2-135M-Instruct (CPU; on CUDA a GPT-2-small-shaped model in
+bf16, batch 32 over 32 adapters, 128 new tokens: the issue's GPU shape), every case in one run on the same prompts:
 HF `generate` (base model), PEFT `generate(adapter_names=...)` over a batch mixing all adapters, and our
 GeneratorEngine with no adapter, with the 16 requests spread over 8 adapters (the shape the ratios use)
 and with one adapter per request.
@@ -6,7 +7,8 @@ and with one adapter per request.
 Every case reports generated tokens/s over the whole job (prefill included), TTFT (request start -> first
 token) and ITL (gap between later tokens). HF and PEFT generate the batch together, so their TTFT is the
 batch prefill; ours start all requests at once and the engine batches them continuously. A second table
-has ours (requests spread over the most adapters) at 1..N concurrent streams.
+has ours (requests spread over the most adapters) at 1..N concurrent streams, and with requests arriving
+one per second (TTFT at 1 request/s).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from benchmarks.common import (
 )
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_LINEARS = ["c_attn", "c_proj", "c_fc"]  # c_proj: attention output and MLP output
 TOPICS = ["a cat", "the sea", "a robot", "winter", "a small town", "music", "trains", "the moon"]
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -53,10 +56,35 @@ def _base(device: str):
     return model, tokenizer
 
 
-def _peft(base, n_adapters: int, rank: int):
+def _gpt2(device: str, dtype: torch.dtype, tiny: bool):
+    """The issue's GPU shape: GPT-2-small (12 x 768, 12 heads), random init (seeded: every call gives the
+    same weights), with SmolLM2's tokenizer and vocabulary size so prompts and detokenization are real."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from adapters.bases import resolve_base
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(MODEL))
+    size = dict(n_embd=64, n_layer=2, n_head=4) if tiny else dict(n_embd=768, n_layer=12, n_head=12)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, **size)
+    model = GPT2LMHeadModel(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+# name -> (model description, LoRA targets, requests, adapter counts, rank, new tokens): SmolLM2 is the
+# issue's CPU shape, GPT-2-small its GPU shape (batch 32, 32 adapters, 128 new tokens).
+SHAPES = {
+    "smollm2": (f"{MODEL} (embedded, dequantized)", ALL_LINEARS, 16, (8, 16), 16, 64),
+    "gpt2-small": ("GPT-2-small-shaped (12 x 768), random init, SmolLM2 tokenizer", GPT2_LINEARS, 32, (32,), 16, 128),
+}
+
+
+def _peft(base, n_adapters: int, rank: int, targets: list[str] = ALL_LINEARS):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEARS)
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=targets,
+                     fan_in_fan_out=base.config.model_type == "gpt2")  # fmt: skip
     model = get_peft_model(base, cfg, adapter_name="a0")
     for i in range(1, n_adapters):
         model.add_adapter(f"a{i}", cfg)
@@ -77,13 +105,16 @@ class _Timings:
         self.itl.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
 
-def _engine_job(engine, prompts: list[list[int]], slots: list[int], new_tokens: int, timings: _Timings):
-    """All requests at once through the engine's async API, as the server would submit them."""
+def _engine_job(engine, prompts: list[list[int]], slots: list[int], new_tokens: int, timings: _Timings,
+                interval: float = 0.0):  # fmt: skip
+    """All requests through the engine's async API, as the server would submit them: at once, or request
+    i arriving i * `interval` seconds after the first."""
     from service.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
 
-    async def one(prompt: list[int], slot: int) -> int:
+    async def one(prompt: list[int], slot: int, delay: float) -> int:
+        await asyncio.sleep(delay)
         start, stamps, n = time.perf_counter(), [], 0
         async for delta in engine.generate(prompt, params, slot):
             stamps.extend([time.perf_counter()] * len(delta.token_ids))
@@ -92,7 +123,8 @@ def _engine_job(engine, prompts: list[list[int]], slots: list[int], new_tokens: 
         return n
 
     async def all_requests() -> None:
-        counts = await asyncio.gather(*(one(p, s) for p, s in zip(prompts, slots, strict=True)))
+        counts = await asyncio.gather(*(one(p, s, i * interval) for i, (p, s) in enumerate(zip(prompts, slots,
+                                                                                                strict=True))))  # fmt: skip
         assert sum(counts) == len(prompts) * new_tokens, counts
 
     return lambda: asyncio.run(all_requests())
@@ -148,6 +180,18 @@ def _latency(engine, prompts: list[list[int]], slots: list[int], streams: int, n
     wall = time.perf_counter() - start
     return {"case": f"ours_streams_{streams}", "streams": streams, "adapters": len(set(used)),
             "tokens_per_s": streams * new_tokens / wall, **_stats(timings)}  # fmt: skip
+
+
+def _paced(engine, prompts: list[list[int]], slots: list[int], rate: float, count: int, new_tokens: int) -> dict:
+    """TTFT and ITL when requests arrive one every 1/rate s (the issue's "TTFT p50 at 1 request/s")."""
+    timings = _Timings()
+    picks = [i % len(prompts) for i in range(count)]
+    used = [slots[i] for i in picks]
+    start = time.perf_counter()
+    _engine_job(engine, [prompts[i] for i in picks], used, new_tokens, timings, interval=1 / rate)()
+    wall = time.perf_counter() - start
+    return {"case": f"ours_paced_{rate:g}_rps", "requests": count, "adapters": len(set(used)),
+            "tokens_per_s": count * new_tokens / wall, **_stats(timings)}  # fmt: skip
 
 
 def _decode_steps(engine, hf_model, prompts: list[list[int]], slots: list[int], device: str, rounds: int) -> dict:
@@ -211,21 +255,32 @@ def _stats(t: _Timings) -> dict:
             "itl_p50_ms": ms(t.itl, 50), "itl_p99_ms": ms(t.itl, 99)}  # fmt: skip
 
 
-def run(device: str, quick: bool) -> tuple[dict, str]:
+def run(device: str, quick: bool, shape: str | None = None) -> tuple[dict, str]:
+    """`shape` (SHAPES): default SmolLM2 on CPU, GPT-2-small on CUDA (in bf16, the service's GPU default)."""
     from service.engine.generator import GeneratorEngine
 
     set_threads(device, quick)
     machine = machine_info(device)
-    # The issue's shape: 16 requests over 8 adapters (`mixed`, compared with PEFT), 64 new tokens; one
-    # more case gives every request its own adapter. --quick only checks that the suite runs.
-    n_req, counts, rank, new_tokens = (4, (2, 4), 8, 4) if quick else (16, (8, 16), 16, 64)
+    shape = shape or ("gpt2-small" if device == "cuda" else "smollm2")
+    label, targets, n_req, counts, rank, new_tokens = SHAPES[shape]
+    # The issue's shapes: n_req requests over the fewest adapters (`mixed`, compared with PEFT); a second
+    # count gives every request its own adapter. --quick only checks that the suite runs.
+    if quick:
+        n_req, counts, rank, new_tokens = 4, (2, 4), 8, 4
     reps, streams = (1, [1]) if quick else (3, [1, 8, 32])
+    paced = (20.0, 2) if quick else (1.0, 10)  # rate (requests/s), requests
     mixed, most = min(counts), max(counts)
-    base, tok = _base(device)
+    dtype = torch.bfloat16 if device == "cuda" and shape == "gpt2-small" else torch.float32
+
+    def fresh():
+        return _base(device) if shape == "smollm2" else _gpt2(device, dtype, tiny=quick)
+
+    base, tok = fresh()
     prompts = _prompts(tok, max(n_req, *streams))
-    peft_model = _peft(_base(device)[0], mixed, rank)
-    engine = GeneratorEngine(_base(device)[0], tok, None, num_slots=most + 1, max_rank=rank,
-                             max_num_seqs=max(n_req, *streams), max_model_len=256, device=device)  # fmt: skip
+    peft_model = _peft(fresh()[0], mixed, rank, targets)
+    engine = GeneratorEngine(fresh()[0], tok, None, num_slots=most + 1, max_rank=rank,
+                             max_num_seqs=max(n_req, *streams), max_model_len=256, device=device,
+                             dtype=dtype)  # fmt: skip
     for slot in range(1, most + 1):  # adapters beyond PEFT's `mixed` reuse its weights in other slots
         engine.load_slot(slot, peft_adapter_weights(peft_model, f"a{(slot - 1) % mixed}", 2.0))
     spread = {k: [1 + i % k for i in range(len(prompts))] for k in counts}  # slot per prompt
@@ -248,6 +303,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         rows.append({"case": name, "adapters": jobs[name][0], "tokens_per_s": n_req * new_tokens / median(ts),
                      "median_s": median(ts), **_stats(timings[name]), "times_s": ts})  # fmt: skip
     latency = [_latency(engine, prompts, spread[most], s, new_tokens) for s in streams]
+    latency.append(_paced(engine, prompts, spread[most], *paced, new_tokens))
     decode = _decode_steps(engine, base, prompts[:n_req], spread[mixed][:n_req], device, rounds=2 if quick else 8)
     engine.stop()
     tps = {r["case"]: r["tokens_per_s"] for r in rows}
@@ -261,8 +317,8 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         "suite": "gen",
         "quick": quick,
         "machine": machine,
-        "setup": {"model": f"{MODEL} (embedded, dequantized)", "dtype": "float32", "requests": n_req,
-                  "adapter_counts": list(counts), "rank": rank, "targets": ALL_LINEARS,
+        "setup": {"model": label, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "requests": n_req,
+                  "adapter_counts": list(counts), "rank": rank, "targets": targets,
                   "new_tokens": new_tokens, "prompt_tokens": list(map(len, prompts)), "reps": reps,
                   "decoding": "greedy, EOS ignored"},
         "cases": rows,

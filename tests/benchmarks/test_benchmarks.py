@@ -26,7 +26,7 @@ EXPECTED = {
             "ours_1_adapters", "ours_4_adapters", "hf_base_batch1", "peft_batch1_adapter",
             "ours_batch1_no_adapter", "ours_batch1_adapter"},
     "gen": {"hf_generate", "peft_mixed_2", "ours_base", "ours_mixed_2", "ours_mixed_4", "ours_streams_1",
-            "decode_step"},
+            "ours_paced_20_rps", "decode_step"},
     "load": {"read_adapter", "ours_load_to_first_answer_1_resident", "ours_load_to_first_answer_10_resident",
              "ours_load_response_1_resident", "ours_load_step_1_resident", "peft_load_adapter_1_resident",
              "peft_load_adapter_10_resident",
@@ -84,3 +84,16 @@ def test_all_suites_quick(tmp_path: Path) -> None:
         table = [i for i, line in enumerate(lines) if line.startswith("|---")]
         assert table and lines[table[0] - 1].startswith("| case |"), f"{suite}: no results table"
         assert lines[table[0] + 1].startswith("| "), f"{suite}: empty results table"
+
+
+def test_gen_gpu_shape_runs_quick() -> None:
+    """The shape `--suite gen --device cuda` uses (GPT-2-small, Conv1D targets), shrunk, on CPU: so a GPU
+    session's first run measures instead of debugging."""
+    from benchmarks import gen
+
+    result, markdown = gen.run("cpu", True, shape="gpt2-small")
+    assert result["setup"]["shape"] == "gpt2-small" and result["setup"]["targets"] == gen.GPT2_LINEARS
+    rows = {row["case"]: row for row in _rows(result)}
+    assert EXPECTED["gen"] <= set(rows), sorted(EXPECTED["gen"] - set(rows))
+    assert all(_is_number(rows[name]["tokens_per_s"]) for name in EXPECTED["gen"] - {"decode_step"})
+    assert "GPT-2-small" in markdown
