@@ -114,10 +114,10 @@ def world(tmp_path_factory):
     return root, base_dir, info
 
 
-def make_engine(world, num_slots: int) -> ClassifierEngine:
+def make_engine(world, num_slots: int, device: str = "cpu") -> ClassifierEngine:
     root, base_dir, info = world
     model, tokenizer = load_base(base_dir, "classification")
-    return ClassifierEngine(model, tokenizer, info, num_slots=num_slots, max_rank=8)
+    return ClassifierEngine(model, tokenizer, info, num_slots=num_slots, max_rank=8, device=device)
 
 
 def make_registry(world, tmp_path: Path, specs: dict[str, list[int]]) -> Registry:
@@ -524,6 +524,36 @@ def test_rss_flat_over_1000_load_unload_cycles(world, tmp_path):
         assert sorted(m._free) == [1, 2]
         assert grown < 8 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 900 cycles"
         print(f"RSS growth over 900 load/unload cycles after warm-up: {grown / 2**20:.2f} MiB")
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_memory_flat_over_1000_load_unload_cycles(world, tmp_path):
+    """On a GPU the slots are preallocated, so after a warm-up `torch.cuda.memory_allocated` must not move
+    over 900 more cycles (host weights pinned, copied in, freed on unload)."""
+    registry = make_registry(world, tmp_path, {"x": [1]})
+    engine = RecordingEngine(make_engine(world, 3, device="cuda"), device="cuda")
+
+    async def main():
+        m = manager_for(engine, registry)
+        assert m.pin_memory
+
+        async def cycle():
+            await m.load("x")
+            async with m.lease("x") as lease:
+                check_lease(engine, lease)
+            await m.unload("x")
+
+        for _ in range(100):
+            await cycle()
+        torch.cuda.synchronize()
+        warm = torch.cuda.memory_allocated()
+        for _ in range(900):
+            await cycle()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == warm
+        assert (m._residents, dict(m._host)) == ({}, {})
 
     asyncio.run(main())
 

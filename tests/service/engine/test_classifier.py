@@ -169,3 +169,20 @@ def test_bf16_engine_tracks_fp32(loaded, peft_adapters, tiny_base_dir, kit) -> N
     for want, got, slot in zip(loaded.classify(texts, slots), half.classify(texts, slots), slots, strict=True):
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert float((got - want).norm() / want.norm()) < 0.1, slot
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_mixed_batch_matches_peft_per_row(peft_adapters, tiny_base_dir, kit) -> None:
+    """The engine on a GPU (fp32; slots loaded from host tensors) against PEFT per row on the CPU."""
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    gpu = ClassifierEngine(kit.load_base(tiny_base_dir), tok, INFO, num_slots=12, max_rank=16, max_length=32,
+                           device="cuda")  # fmt: skip
+    for slot, (_, weights, _) in enumerate(peft_adapters, start=1):
+        gpu.load_slot(slot, weights)
+    base = kit.load_base(tiny_base_dir)
+    rng = random.Random(4)
+    texts = [kit.random_text(rng) for _ in range(16)]
+    slots = [i % (len(peft_adapters) + 1) for i in range(16)]
+    for text, slot, logits in zip(texts, slots, gpu.classify(texts, slots), strict=True):
+        want = _oracle(base if slot == 0 else peft_adapters[slot - 1][0], tok, text)
+        torch.testing.assert_close(logits, want, atol=1e-3, rtol=1e-3)
