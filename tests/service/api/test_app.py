@@ -118,3 +118,19 @@ def test_more_adapters_than_slots_evicts_lru(client, world):
             body = client.post("/v1/classify", json={"adapter": name, "inputs": ["w7 w8"]}).json()
             want = torch.softmax(peft_logits(model, tokenizer, ["w7 w8"])[0], -1)
             assert torch.allclose(torch.tensor(list(body["results"][0]["scores"].values())), want, atol=1e-4)
+
+
+def test_startup_builds_route_state_so_first_requests_do_not(world, monkeypatch):
+    """FastAPI builds a router's route state (one model field per parameter and response) on the router's
+    first request; the app's startup warm-up must have done it for every router before any client comes."""
+    import fastapi.routing as routing
+
+    real, calls = routing.create_model_field, []
+    monkeypatch.setattr(routing, "create_model_field", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with TestClient(create_app(world[0])) as c:
+        built_at_startup = len(calls)
+        assert c.get("/v1/adapters").status_code == 200
+        assert c.post("/v1/classify", json={"adapter": "sentiment", "inputs": "w5"}).status_code == 200
+        assert c.post("/v1/adapters", json={"adapter": "topic"}).status_code == 200
+        assert c.get("/v1/models").status_code == 200
+    assert built_at_startup > 0 and len(calls) == built_at_startup
