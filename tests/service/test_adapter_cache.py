@@ -493,69 +493,50 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _load_unload_cycles(world, tmp_path, device: str, measure) -> tuple[AdapterManager, int, int]:
+    """1,000 load -> lease -> unload cycles of one adapter; `measure()` after 100 (the warm-up) and at the end."""
+    registry = make_registry(world, tmp_path, {"x": [1]})
+    engine = RecordingEngine(make_engine(world, 3, device=device), device=device)
+
+    async def main():
+        m = manager_for(engine, registry)
+        readings = []
+        for i in range(1000):
+            if i == 100:
+                readings.append(measure())
+            await m.load("x")
+            async with m.lease("x") as lease:
+                check_lease(engine, lease)
+            await m.unload("x")
+        readings.append(measure())
+        return m, *readings
+
+    return asyncio.run(main())
+
+
 def test_rss_flat_over_1000_load_unload_cycles(world, tmp_path):
     """Unloading frees the slot for reuse and the host copy. RSS after 1,000 cycles stays within 8 MiB of
     RSS after a 100-cycle warm-up: each cycle allocates ~10 KB of tensors plus manifest/pydantic objects,
     so a leak of even one adapter copy per cycle would show as >= 10 MB; the tolerance covers allocator
     arenas and torch's caching that settle in the first cycles and are not returned to the OS."""
-    registry = make_registry(world, tmp_path, {"x": [1]})
-    engine = RecordingEngine(make_engine(world, 3))
+    import gc
 
-    async def main():
-        m = manager_for(engine, registry)
-
-        async def cycle():
-            await m.load("x")
-            async with m.lease("x") as lease:
-                check_lease(engine, lease)
-            await m.unload("x")
-
-        for _ in range(100):
-            await cycle()
-        import gc
-
-        gc.collect()
-        warm = _rss_bytes()
-        for _ in range(900):
-            await cycle()
-        gc.collect()
-        grown = _rss_bytes() - warm
-        assert (m._residents, dict(m._host), m._paths, m._loading) == ({}, {}, {}, {})
-        assert sorted(m._free) == [1, 2]
-        assert grown < 8 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 900 cycles"
-        print(f"RSS growth over 900 load/unload cycles after warm-up: {grown / 2**20:.2f} MiB")
-
-    asyncio.run(main())
+    m, warm, last = _load_unload_cycles(world, tmp_path, "cpu", lambda: (gc.collect(), _rss_bytes())[1])
+    grown = last - warm
+    assert (m._residents, dict(m._host), m._paths, m._loading) == ({}, {}, {}, {})
+    assert sorted(m._free) == [1, 2] and not m.pin_memory
+    assert grown < 8 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 900 cycles"
+    print(f"RSS growth over 900 load/unload cycles after warm-up: {grown / 2**20:.2f} MiB")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_memory_flat_over_1000_load_unload_cycles(world, tmp_path):
     """On a GPU the slots are preallocated, so after a warm-up `torch.cuda.memory_allocated` must not move
     over 900 more cycles (host weights pinned, copied in, freed on unload)."""
-    registry = make_registry(world, tmp_path, {"x": [1]})
-    engine = RecordingEngine(make_engine(world, 3, device="cuda"), device="cuda")
-
-    async def main():
-        m = manager_for(engine, registry)
-        assert m.pin_memory
-
-        async def cycle():
-            await m.load("x")
-            async with m.lease("x") as lease:
-                check_lease(engine, lease)
-            await m.unload("x")
-
-        for _ in range(100):
-            await cycle()
-        torch.cuda.synchronize()
-        warm = torch.cuda.memory_allocated()
-        for _ in range(900):
-            await cycle()
-        torch.cuda.synchronize()
-        assert torch.cuda.memory_allocated() == warm
-        assert (m._residents, dict(m._host)) == ({}, {})
-
-    asyncio.run(main())
+    measure = lambda: (torch.cuda.synchronize(), torch.cuda.memory_allocated())[1]  # noqa: E731
+    m, warm, last = _load_unload_cycles(world, tmp_path, "cuda", measure)
+    assert m.pin_memory and last == warm
+    assert (m._residents, dict(m._host)) == ({}, {})
 
 
 def test_describe_reports_residency(world, tmp_path):
