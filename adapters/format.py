@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -50,7 +50,6 @@ UNSUPPORTED_OPTIONS = {
 }
 # Initialisations that rewrite the base weights: the adapter would only be right on that modified base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
-T = TypeVar("T")
 
 
 @dataclass
@@ -206,7 +205,9 @@ def _base_path(path: str, base: BaseModelInfo | None) -> str:
 _HASHER = ThreadPoolExecutor(1, thread_name_prefix="adapter-sha256")
 
 
-def _load_tensors(folder: Path, expected_sha256: str | None = None, parse: Callable[[dict], T] | None = None):
+def _load_tensors(
+    folder: Path, expected_sha256: str | None = None, parse: Callable[[dict[str, Tensor]], Any] | None = None
+) -> Any:
     """Read the weights once: the bytes that are hashed are the bytes that are loaded (no window for the
     file to change between the check and the load, and one read instead of two on the load path).
     `expected_sha256` None: no manifest yet (import), nothing to check against.

@@ -158,7 +158,7 @@ class GeneratorEngine:
         )
         self.scheduler = Scheduler(self.kv_cache, max_num_batched_tokens, self._eos_ids(model, tokenizer))
         self.runner = ModelRunner(model, self.kv_cache, self.slots)
-        if cuda_graphs and torch.device(device).type == "cuda":
+        if cuda_graphs and self.device.type == "cuda":
             self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, self.kv_cache.max_model_len)
         self._streams: dict[int, _Stream] = {}
         self._inbox: deque[Sequence] = deque()

@@ -451,7 +451,7 @@ def _random_slots(engine) -> None:
     for module in engine.slots.modules.values():
         for slot in (1, 2):
             A, B = torch.randn(4, module.in_features), torch.randn(module.out_features, 4)
-            module.load_slot(slot, A.to(module.lora_A.device), B.to(module.lora_B.device), 0.5)
+            module.load_slot(slot, A, B, 0.5)  # host tensors: copied to the slot's device
 
 
 def _engine(device: str = "cpu", **kw):
