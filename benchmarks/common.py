@@ -124,3 +124,45 @@ def peft_adapter_weights(peft_model, name: str, scale: float) -> SimpleNamespace
             head[key.replace(tag, ".")] = p.detach().cpu()
     return SimpleNamespace(scale=scale, lora={k: tuple(v) for k, v in lora.items()}, head=head,
                            manifest=SimpleNamespace(labels=None))  # fmt: skip
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of linear weights and biases that one forward reads whole: every nn.Linear, transformers
+    Conv1D and oneDNN-packed linear under `model` (LoRA bases included), each tensor counted once. At
+    serving shapes (a few rows) a forward streams these from memory; the rest (norms, the rows of an
+    embedding a lookup reads) is small next to them."""
+    from transformers.pytorch_utils import Conv1D
+
+    from service.engine.packed_linear import PackedLinear
+
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, PackedLinear):  # the packed weight is opaque: count its dense size
+            tensors = [module.bias] if module.bias is not None else []
+            total += module.in_features * module.out_features * module.packed.element_size()
+        elif isinstance(module, (torch.nn.Linear, Conv1D)):
+            tensors = [t for t in (module.weight, module.bias) if t is not None]
+        else:
+            continue
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def lora_bytes(model: torch.nn.Module, slots: int) -> int:
+    """Bytes of LoRA A and B that a forward over `slots` adapters reads: each adapter's slot of every
+    multi-LoRA linear once (r_max x (in + out) values)."""
+    from service.engine.lora import MultiLoraLinear
+
+    return sum(slots * (m.lora_A[0].numel() + m.lora_B[0].numel()) * m.lora_A.element_size()
+               for m in model.modules() if isinstance(m, MultiLoraLinear))  # fmt: skip
+
+
+def stream_reader(nbytes: int, device: str) -> Callable[[], object]:
+    """A call that reads `nbytes` of fp32 once (a sum over a buffer of that size, read again on every
+    call as a forward reads its weights): the memory-bandwidth floor of a step that must read that many
+    bytes, timed next to it."""
+    buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    return lambda: buffer.sum()

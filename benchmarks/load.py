@@ -27,7 +27,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, machine_markdown, percentile, randomize_lora_b, set_threads
+from benchmarks.common import (
+    lora_bytes,
+    machine_info,
+    machine_markdown,
+    percentile,
+    randomize_lora_b,
+    set_threads,
+    stream_reader,
+    time_interleaved,
+    weight_bytes,
+)
 
 # every linear of the encoder blocks (PEFT "all-linear" would add the pooler, which the engine does not wrap)
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -161,10 +171,19 @@ async def _ours(work: Path, folders, steps, pre: list[Path], base_path: str, inf
             if device == "cuda":
                 torch.cuda.synchronize()
             copy.append(time.perf_counter() - s)
+        # The first answer's forward alone (one text, the new adapter's slot), next to a plain read of the
+        # bytes it must read (weights + that slot's A/B): the floor of any forward on this machine now.
+        ids, slot = engine.tokenize([TEXT]), manager._residents[(folders[0].name, 1)].slot
+        read = stream_reader(weight_bytes(engine.model) + lora_bytes(engine.model, 1), device)
+        floor = time_interleaved({"forward": lambda: engine.run(ids, [slot]), "read": read}, warmup=2,
+                                 reps=len(folders), device=device)  # fmt: skip
     return [_row(f"ours_load_to_first_answer_{resident}_resident", first),
             _row(f"ours_load_response_{resident}_resident", response),
             _row(f"ours_load_step_{resident}_resident", step),
-            _row(f"ours_slot_copy_from_host_{resident}_resident", copy)]  # fmt: skip
+            _row(f"ours_slot_copy_from_host_{resident}_resident", copy),
+            _row(f"ours_forward_1_text_{resident}_resident", floor["forward"]),
+            _row(f"read_forward_bytes_{resident}_resident", floor["read"],
+                 mb=(weight_bytes(engine.model) + lora_bytes(engine.model, 1)) / 2**20)]  # fmt: skip
 
 
 def _peft(folders, pre: list[Path], base_path: str, device: str) -> list[dict]:
@@ -334,6 +353,10 @@ def _markdown(r: dict) -> str:
         lines += ["", f"Load -> first answer with {n} resident: ours {ours:.1f} ms, PEFT {peft:.1f} ms "
                   f"({peft / ours:.1f}x). Load step vs PEFT load_adapter: {step:.1f} vs {peft_load:.1f} ms "
                   f"({peft_load / step:.1f}x); POST /v1/adapters {post:.1f} ms ({peft_load / post:.1f}x)."]  # fmt: skip
+        fwd, read = (cases[f"{k}_{n}_resident"] for k in ("ours_forward_1_text", "read_forward_bytes"))
+        lines += ["", f"Of the first answer, the classify's forward alone (one text, same run) took "
+                  f"{fwd['p50_ms']:.1f} ms; a plain read of the {read['mb']:.0f} MB it must read "
+                  f"(weights + the adapter's A/B), timed alongside, {read['p50_ms']:.1f} ms."]  # fmt: skip
     c = cases["churn"]
     lines += ["", f"Churn: {c['adapters']} tiny adapters (r=1), {c['slots']} slots, {c['requests']} requests "
               f"from 32 clients cycling over all of them: {c['errors']} errors, "

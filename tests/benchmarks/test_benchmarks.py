@@ -30,7 +30,8 @@ EXPECTED = {
     "load": {"read_adapter", "ours_load_to_first_answer_1_resident", "ours_load_to_first_answer_10_resident",
              "ours_load_response_1_resident", "ours_load_step_1_resident", "peft_load_adapter_1_resident",
              "peft_load_adapter_10_resident",
-             "peft_load_to_first_answer_1_resident", "peft_load_to_first_answer_10_resident", "churn"},
+             "peft_load_to_first_answer_1_resident", "peft_load_to_first_answer_10_resident", "churn",
+             "ours_forward_1_text_1_resident", "read_forward_bytes_1_resident"},
     "server": {"http_concurrency_1", "http_concurrency_16", "http_concurrency_64", "engine_raw"},
 }  # fmt: skip
 
@@ -97,3 +98,29 @@ def test_gen_gpu_shape_runs_quick() -> None:
     assert EXPECTED["gen"] <= set(rows), sorted(EXPECTED["gen"] - set(rows))
     assert all(_is_number(rows[name]["tokens_per_s"]) for name in EXPECTED["gen"] - {"decode_step"})
     assert "GPT-2-small" in markdown
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_weight_and_lora_bytes_count_what_a_forward_reads(packed: bool) -> None:
+    """The byte counts behind the benchmarks' bandwidth floors, on a tiny Llama counted by hand: every
+    linear once (a tied lm_head once with the embedding it shares), oneDNN-packed linears at their dense
+    size, and r_max x (in + out) of A/B per slot of each LoRA-wrapped linear."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.common import lora_bytes, weight_bytes
+    from service.engine.lora_model import inject_multi_lora
+    from service.engine.packed_linear import pack_block_linears
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    inject_multi_lora(model, None, num_slots=5, max_rank=3)
+    if packed:
+        assert pack_block_linears(model) > 0
+    kv = 2 * 4  # 2 kv heads x head_dim 4
+    per_layer = 16 * 16 * 2 + 16 * kv * 2 + 16 * 24 * 3  # q, o; k, v; gate, up, down
+    assert weight_bytes(model) == 4 * (2 * per_layer + 50 * 16)  # + the tied lm_head / embedding once
+    lora_per_layer = 3 * ((16 + 16) * 2 + (16 + kv) * 2 + (16 + 24) * 3)
+    assert lora_bytes(model, 1) == 4 * 2 * lora_per_layer
+    assert lora_bytes(model, 4) == 4 * lora_bytes(model, 1)
