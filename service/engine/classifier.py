@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.engine.lora import copy_transposed
@@ -95,6 +96,26 @@ def _head_tensors(
     return pair("classifier"), pair("pooler.dense")
 
 
+def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
+    """The encoder's layers if they are BERT-style (BERT, RoBERTa, ELECTRA, MiniLM...: self-attention
+    query/key/value + output, intermediate, output; absolute positions; no cross-attention or chunking),
+    which `ClassifierEngine` runs directly; None means "use the model's own forward"."""
+    config = getattr(encoder, "config", None)
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if config is None or layers is None or not hasattr(encoder, "embeddings"):
+        return None
+    if getattr(config, "position_embedding_type", "absolute") != "absolute" or config.is_decoder:
+        return None
+    for layer in layers:
+        sa = getattr(getattr(layer, "attention", None), "self", None)
+        parts = [getattr(sa, n, None) for n in ("query", "key", "value", "attention_head_size")]
+        parts += [getattr(layer.attention, "output", None), getattr(layer, "intermediate", None),
+                  getattr(layer, "output", None)]  # fmt: skip
+        if any(p is None for p in parts) or getattr(layer, "chunk_size_feed_forward", 0):
+            return None
+    return list(layers)
+
+
 class ClassifierEngine:
     """Base encoder + multi-LoRA slots + stacked heads. Implements SlotEngine (docs/ARCHITECTURE.md).
 
@@ -142,6 +163,10 @@ class ClassifierEngine:
         if pooler is not None:
             encoder.pooler = None
         self.encoder = encoder
+        # BERT-style layers run as a plain loop over their own modules: HF's forward around them (output
+        # capture, kwarg deprecation checks, mask building, per-layer wrappers) was ~17 % of a 1-text
+        # MiniLM forward on CPU (benchmarks/README.md). Other encoders keep their own forward.
+        self.layers = _bert_layers(encoder)
         # Wrapped on the full model so slot paths are the adapters' own (`bert.encoder.layer.0...`).
         self.slots: LoraSlots = inject_multi_lora(model, targets, num_slots, max_rank)
         pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
@@ -188,10 +213,29 @@ class ClassifierEngine:
     def logits(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:
         """[B, L_max] logits, row i through slot_ids[i]'s LoRA and head; padded label columns are -inf."""
         slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=self.device)
+        padded = not bool(attention_mask.all())  # before the move: no device sync for CPU-built masks
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with self.slots.use(slot_ids):
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if self.layers is None:
+                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            else:
+                hidden = self._encode(input_ids, attention_mask if padded else None)
         return self.heads(hidden, slot_ids)
+
+    def _encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """The BERT-style encoder's last hidden state, layer by layer through its own modules (eval mode:
+        dropout is off). SDPA masks padded keys with a bool mask; with no padding it gets none."""
+        b, t = input_ids.shape
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = self.encoder.embeddings(input_ids=input_ids)
+        for layer in self.layers:
+            sa = layer.attention.self
+            q, k, v = (proj(x).view(b, t, -1, sa.attention_head_size).transpose(1, 2)
+                       for proj in (sa.query, sa.key, sa.value))  # fmt: skip
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sa.attention_head_size**-0.5)
+            x = layer.attention.output(a.transpose(1, 2).reshape(b, t, -1), x)
+            x = layer.output(layer.intermediate(x), x)
+        return x
 
     def run(self, rows: Sequence[Sequence[int]], slot_ids: Sequence[int]) -> list[Tensor]:
         """Token-id rows (any lengths) -> per-row logits trimmed to the row's slot's label count (CPU)."""

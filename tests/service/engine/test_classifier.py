@@ -54,6 +54,33 @@ def test_random_mixes_match_peft_per_row(loaded, peft_adapters, tiny_base_dir, k
             torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
+def test_direct_layer_loop_equals_the_models_own_forward(loaded, kit) -> None:
+    """BERT-style layers run as the engine's own loop; the model's forward (what other encoders use) must
+    give the same logits, on padded mixed batches and on one unpadded row."""
+    assert loaded.layers is not None and len(loaded.layers) == loaded.encoder.config.num_hidden_layers
+    rng = random.Random(4)
+    texts = [kit.random_text(rng, rng.randint(1, 30)) for _ in range(12)]
+    slots = [rng.randint(0, 8) for _ in texts]
+    cases = [(texts, slots), (texts[:1], slots[:1])]
+    direct = [loaded.classify(t, s) for t, s in cases]
+    loaded.layers = None
+    for (t, s), got in zip(cases, direct, strict=True):
+        for a, b in zip(got, loaded.classify(t, s), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_encoders_that_are_not_bert_style_keep_their_own_forward(tiny_base_dir, kit) -> None:
+    from service.engine.classifier import _bert_layers
+
+    model = kit.load_base(tiny_base_dir)
+    assert _bert_layers(model.base_model) is not None
+    model.base_model.encoder.layer[1].chunk_size_feed_forward = 4  # chunked feed-forward: not our loop
+    assert _bert_layers(model.base_model) is None
+    del model.base_model.encoder.layer[0].attention.self.query  # not BERT's module layout
+    model.base_model.encoder.layer[1].chunk_size_feed_forward = 0
+    assert _bert_layers(model.base_model) is None
+
+
 def test_same_request_same_answer_whatever_the_batch(loaded, kit) -> None:
     rng = random.Random(1)
     text = kit.random_text(rng, 30)
