@@ -105,7 +105,6 @@ def test_weight_and_lora_bytes_count_what_a_forward_reads(packed: bool) -> None:
     """The byte counts behind the benchmarks' bandwidth floors, on a tiny Llama counted by hand: every
     linear once (a tied lm_head once with the embedding it shares), oneDNN-packed linears at their dense
     size, and r_max x (in + out) of A/B per slot of each LoRA-wrapped linear."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks.common import lora_bytes, weight_bytes
