@@ -14,6 +14,7 @@ one per second (TTFT at 1 request/s).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import torch
@@ -272,12 +273,14 @@ def _stats(t: _Timings) -> dict:
 
 
 def run(device: str, quick: bool, shape: str | None = None) -> tuple[dict, str]:
-    """`shape` (SHAPES): default SmolLM2 on CPU, GPT-2-small on CUDA (in bf16, the service's GPU default)."""
+    """`shape` (SHAPES): else LORASWAP_BENCH_GEN_SHAPE, else SmolLM2 on CPU and GPT-2-small on CUDA (in bf16,
+    the service's GPU default; it needs only SmolLM2's tokenizer, not its weights)."""
     from service.engine.generator import GeneratorEngine
 
     set_threads(device, quick)
     machine = machine_info(device)
-    shape = shape or ("gpt2-small" if device == "cuda" else "smollm2")
+    default = "gpt2-small" if device == "cuda" else "smollm2"
+    shape = shape or os.environ.get("LORASWAP_BENCH_GEN_SHAPE") or default
     label, targets, n_req, counts, rank, new_tokens = SHAPES[shape]
     # The issue's shapes: n_req requests over the fewest adapters (`mixed`, compared with PEFT); a second
     # count gives every request its own adapter. --quick only checks that the suite runs.
