@@ -156,3 +156,22 @@ def test_encoder_base_gives_seeded_random_weights_for_a_config_only_folder(tmp_p
     assert encoder_base(tmp_path / "one")[0] == first  # saved once per work folder
     monkeypatch.setenv(ENCODER_ENV, first)  # a folder with weights is used as it is
     assert encoder_base(tmp_path)[0] == first
+
+
+def test_gpu_session_scripts_parse_and_name_what_exists() -> None:
+    """benchmarks/gpu/*.sh run only in a GPU session (the CPU dry run in benchmarks/README.md is too slow
+    for every test run): they must at least parse, run suites that exist, and ask for wheels of packages
+    this environment has (prepare.sh downloads this venv's versions)."""
+    import re
+    from importlib.metadata import version
+
+    from benchmarks.__main__ import SUITES
+
+    scripts = REPO / "benchmarks" / "gpu"
+    for script in ("prepare.sh", "run.sh"):
+        proc = subprocess.run(["bash", "-n", str(scripts / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    suites = re.findall(r"--suite (\w+)", (scripts / "run.sh").read_text())
+    assert suites and set(suites) <= set(SUITES), suites
+    packages = re.search(r'PACKAGES="([^"]+)"', (scripts / "prepare.sh").read_text()).group(1).split()
+    assert "fastapi" in packages and all(version(name) for name in packages)
