@@ -104,7 +104,9 @@ def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
     layers = getattr(getattr(encoder, "encoder", None), "layer", None)
     if config is None or layers is None or not hasattr(encoder, "embeddings"):
         return None
-    if getattr(config, "position_embedding_type", "absolute") != "absolute" or config.is_decoder:
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if getattr(config, "is_decoder", False):  # causal or cross-attending layers: not this loop
         return None
     for layer in layers:
         sa = getattr(getattr(layer, "attention", None), "self", None)
@@ -164,7 +166,7 @@ class ClassifierEngine:
             encoder.pooler = None
         self.encoder = encoder
         # BERT-style layers run as a plain loop over their own modules: HF's forward around them (output
-        # capture, kwarg deprecation checks, mask building, per-layer wrappers) was ~17 % of a 1-text
+        # capture, kwarg deprecation checks, mask building, per-layer wrappers) was ~15 % of a 1-text
         # MiniLM forward on CPU (benchmarks/README.md). Other encoders keep their own forward.
         self.layers = _bert_layers(encoder)
         # Wrapped on the full model so slot paths are the adapters' own (`bert.encoder.layer.0...`).

@@ -74,6 +74,9 @@ def test_encoders_that_are_not_bert_style_keep_their_own_forward(tiny_base_dir, 
 
     model = kit.load_base(tiny_base_dir)
     assert _bert_layers(model.base_model) is not None
+    model.base_model.config.is_decoder = True  # causal self-attention: not our loop
+    assert _bert_layers(model.base_model) is None
+    model.base_model.config.is_decoder = False
     model.base_model.encoder.layer[1].chunk_size_feed_forward = 4  # chunked feed-forward: not our loop
     assert _bert_layers(model.base_model) is None
     del model.base_model.encoder.layer[0].attention.self.query  # not BERT's module layout
