@@ -176,7 +176,8 @@ async def _ours(work: Path, folders, steps, pre: list[Path], base_path: str, inf
         # The first answer's forward alone (one text, the new adapter's slot), next to a plain read of the
         # bytes it must read (weights + that slot's A/B): the floor of any forward on this machine now.
         ids, slot = engine.tokenize([TEXT]), manager._residents[(folders[0].name, 1)].slot
-        read = stream_reader(weight_bytes(engine.model) + lora_bytes(engine.model, 1), device)
+        nbytes = weight_bytes(engine.model) + lora_bytes(engine.model, 1)
+        read = stream_reader(nbytes, device)
         floor = time_interleaved({"forward": lambda: engine.run(ids, [slot]), "read": read}, warmup=2,
                                  reps=len(folders), device=device)  # fmt: skip
     return [_row(f"ours_load_to_first_answer_{resident}_resident", first),
@@ -184,8 +185,7 @@ async def _ours(work: Path, folders, steps, pre: list[Path], base_path: str, inf
             _row(f"ours_load_step_{resident}_resident", step),
             _row(f"ours_slot_copy_from_host_{resident}_resident", copy),
             _row(f"ours_forward_1_text_{resident}_resident", floor["forward"]),
-            _row(f"read_forward_bytes_{resident}_resident", floor["read"],
-                 mb=(weight_bytes(engine.model) + lora_bytes(engine.model, 1)) / 2**20)]  # fmt: skip
+            _row(f"read_forward_bytes_{resident}_resident", floor["read"], mb=nbytes / 2**20)]  # fmt: skip
 
 
 def _peft(folders, pre: list[Path], base_path: str, device: str) -> list[dict]:

@@ -109,9 +109,10 @@ def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
     if getattr(config, "is_decoder", False):  # causal or cross-attending layers: not this loop
         return None
     for layer in layers:
-        sa = getattr(getattr(layer, "attention", None), "self", None)
+        attention = getattr(layer, "attention", None)
+        sa = getattr(attention, "self", None)
         parts = [getattr(sa, n, None) for n in ("query", "key", "value", "attention_head_size")]
-        parts += [getattr(layer.attention, "output", None), getattr(layer, "intermediate", None),
+        parts += [getattr(attention, "output", None), getattr(layer, "intermediate", None),
                   getattr(layer, "output", None)]  # fmt: skip
         if any(p is None for p in parts) or getattr(layer, "chunk_size_feed_forward", 0):
             return None

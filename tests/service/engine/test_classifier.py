@@ -82,6 +82,8 @@ def test_encoders_that_are_not_bert_style_keep_their_own_forward(tiny_base_dir, 
     del model.base_model.encoder.layer[0].attention.self.query  # not BERT's module layout
     model.base_model.encoder.layer[1].chunk_size_feed_forward = 0
     assert _bert_layers(model.base_model) is None
+    del model.base_model.encoder.layer[0].attention  # no attention block at all: no AttributeError either
+    assert _bert_layers(model.base_model) is None
 
 
 def test_same_request_same_answer_whatever_the_batch(loaded, kit) -> None:
