@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import randomize_adapter
+from numerics import decoder_reduction, reorder_atol
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -468,7 +469,11 @@ def test_static_step_matches_eager_decode(slots: list[int]) -> None:
     with torch.inference_mode():
         want = engine.runner.decode(seqs)
         got = graphs.logits(seqs)  # 3 rows padded to the bucket of 4; row 3 is free
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The static body sums in other orders (SDPA over the fixed span, gathered LoRA): bound the difference
+    # by the reduction lengths on the path (tests/numerics.py), not by a fixed 1e-5 that one CPU met.
+    span = engine.kv_cache.max_model_len
+    atol = reorder_atol(torch.float32, decoder_reduction(engine.model.config, span), float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
     assert list(graphs.graphs) == [(4, 96, slots != [0, 0, 0])]
     assert graphs.slot_ids[:4].tolist() == [*slots, 0] and graphs.positions[:4, 0].tolist() == [5, 11, 2, 0]
 
