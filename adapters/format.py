@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
@@ -26,43 +24,34 @@ from torch import Tensor
 from adapters.errors import AdapterConflictError, AdapterValidationError
 from adapters.fingerprint import BaseModelInfo
 from adapters.manifest import MANIFEST_FILE, HeadTensor, LoraInfo, Manifest
+from adapters.peft import (
+    CONFIG_FILE,
+    PEFT_TASKS,
+    WEIGHTS_FILE,
+    LoraModule,
+    check_dtype,
+    default_scale,
+    lora_modules,
+    manifest_lora,
+    read_config,
+    split_tensors,
+)
 from adapters.ref import validate_name
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PEFT_TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "generation"}
-
-# PEFT options our engines cannot serve, with the reason shown when an adapter uses one.
-UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA (use_dora) is not supported",
-    "lora_bias": "LoRA bias (lora_bias) is not supported",
-    "use_qalora": "QALoRA (use_qalora) is not supported",
-    "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
-    "layer_replication": "layer_replication is not supported",
-    "trainable_token_indices": "trainable_token_indices is not supported",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
-    "loftq_config": "LoftQ (loftq_config) is not supported: it changes the base weights",
-    "megatron_config": "Megatron layers (megatron_config) are not supported",
-}
-# Initialisations that rewrite the base weights: the adapter would only be right on that modified base.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 @dataclass
 class AdapterWeights:
     """A validated adapter in memory (CPU tensors), ready to copy into an engine slot.
 
-    `lora[path] = (A [r, in], B [out, r])` as PEFT saves them. With `rank_pattern`/`alpha_pattern` a
-    module's own scale differs from `scale`; the ratio is folded into its B so one scale per adapter holds.
+    `lora[path]` is that module's LoraModule (adapters/peft.py), with its own scale (rank_pattern,
+    alpha_pattern); `scale` is the config's default, alpha / r (or / sqrt(r) with rsLoRA).
     """
 
     manifest: Manifest
     scale: float
-    lora: dict[str, tuple[Tensor, Tensor]]
+    lora: dict[str, LoraModule]
     head: dict[str, Tensor]
     nbytes: int
 
@@ -132,75 +121,6 @@ def _sha_mismatch(rel: str) -> None:
     raise AdapterValidationError(f"{rel}: sha256 does not match the manifest (corrupt or modified)")
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterValidationError(f"{CONFIG_FILE} is missing from {folder}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterValidationError(f"{CONFIG_FILE}: invalid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterValidationError(f"{CONFIG_FILE}: expected a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise AdapterValidationError(
-            f"{CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not supported (LORA only)"
-        )
-    for key, reason in UNSUPPORTED_OPTIONS.items():
-        if config.get(key):
-            raise AdapterValidationError(f"{CONFIG_FILE}: {reason}")
-    if config.get("bias", "none") != "none":
-        raise AdapterValidationError(f"{CONFIG_FILE}: bias={config['bias']!r} is not supported (only 'none')")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise AdapterValidationError(
-            f"{CONFIG_FILE}: init_lora_weights={init!r} changes the base weights; not supported"
-        )
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
-        raise AdapterValidationError(f"{CONFIG_FILE}: r must be a positive integer and lora_alpha a number")
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(isinstance(v, (int, float)) for v in pattern.values()):
-            raise AdapterValidationError(f"{CONFIG_FILE}: {key} must map module patterns to numbers")
-    if not config.get("target_modules"):
-        raise AdapterValidationError(f"{CONFIG_FILE}: target_modules is empty")
-    return config
-
-
-def _scale(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-def _pattern_value(pattern: dict[str, float], path: str, default: float) -> float:
-    # PEFT's rule (peft.utils.other.get_pattern_key): the first key matching `(.*\.)?key$` wins.
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
-def _is_target(path: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, path) is not None
-    return any(path == t or path.endswith("." + t) for t in targets)
-
-
-def _in_modules_to_save(path: str, modules: list[str]) -> bool:
-    parts = path.split(".")
-    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(p == m or p.endswith("." + m) for p in prefixes for m in modules)
-
-
-def _base_path(path: str, base: BaseModelInfo | None) -> str:
-    """Map a path saved against a bare backbone (AutoModel) onto the base's paths (`bert.` + path)."""
-    if base is None or path in base.modules:
-        return path
-    roots = {m.split(".", 1)[0] for m in base.modules}
-    found = [f"{root}.{path}" for root in roots if f"{root}.{path}" in base.modules]
-    return found[0] if len(found) == 1 else path
-
-
 # One thread hashes the weights while the caller parses them: hashlib releases the GIL on large buffers.
 _HASHER = ThreadPoolExecutor(1, thread_name_prefix="adapter-sha256")
 
@@ -239,41 +159,6 @@ def _load_tensors(
     return result
 
 
-def split_tensors(
-    tensors: dict[str, Tensor], config: dict[str, Any], base: BaseModelInfo | None = None
-) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """Sort PEFT's saved keys into LoRA pairs `{path: {"A": .., "B": ..}}` and head tensors `{path.param: t}`."""
-    lora: dict[str, dict[str, Tensor]] = {}
-    head: dict[str, Tensor] = {}
-    modules_to_save = list(config.get("modules_to_save") or [])
-    for key, tensor in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise AdapterValidationError(
-                f"{WEIGHTS_FILE}: unexpected tensor {key!r} (expected {PEFT_PREFIX}...)"
-            )
-        rest = key[len(PEFT_PREFIX) :]
-        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", rest)
-        if match:
-            path = match[1]
-            if not _is_target(path, config["target_modules"]):
-                raise AdapterValidationError(
-                    f"{WEIGHTS_FILE}: {path} has LoRA weights but is not in target_modules"
-                )
-            lora.setdefault(_base_path(path, base), {})[match[2]] = tensor
-        elif rest.rsplit(".", 1)[-1] in ("weight", "bias") and _in_modules_to_save(
-            rest.rsplit(".", 1)[0], modules_to_save
-        ):
-            module, param = rest.rsplit(".", 1)
-            head[f"{_base_path(module, base)}.{param}"] = tensor
-        else:
-            raise AdapterValidationError(
-                f"{WEIGHTS_FILE}: unexpected tensor {key!r} (neither LoRA nor modules_to_save)"
-            )
-    if not lora:
-        raise AdapterValidationError(f"{WEIGHTS_FILE}: no LoRA weights found")
-    return lora, head
-
-
 def output_rows(head: dict[str, Tensor]) -> int:
     """Number of labels a classification head produces (rows of its output weight)."""
     weights = {k: t for k, t in head.items() if k.endswith(".weight") and t.dim() == 2}
@@ -284,58 +169,6 @@ def output_rows(head: dict[str, Tensor]) -> int:
     return int(next(iter(weights.values())).shape[0])
 
 
-def _check_dtype(name: str, tensor: Tensor) -> None:
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise AdapterValidationError(
-            f"{name}: dtype {tensor.dtype} is not supported (float32/float16/bfloat16)"
-        )
-
-
-def _check_lora(
-    lora: dict[str, dict[str, Tensor]],
-    config: dict[str, Any],
-    base: BaseModelInfo | None,
-    max_rank: int,
-    scale: float,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    rslora = bool(config.get("use_rslora"))
-    out: dict[str, tuple[Tensor, Tensor]] = {}
-    for path, pair in sorted(lora.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterValidationError(f"{path}: has lora_{next(iter(pair))} but not its partner")
-        a, b = pair["A"], pair["B"]
-        for which, t in (("lora_A", a), ("lora_B", b)):
-            _check_dtype(f"{path}.{which}", t)
-            if t.dim() != 2:
-                raise AdapterValidationError(
-                    f"{path}.{which}: expected a 2-D tensor, got shape {list(t.shape)}"
-                )
-        if a.dtype != b.dtype:
-            raise AdapterValidationError(f"{path}: lora_A is {a.dtype} but lora_B is {b.dtype}")
-        r = int(_pattern_value(config.get("rank_pattern") or {}, path, config["r"]))
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"]))
-        if r > max_rank:
-            raise AdapterValidationError(f"{path}: rank {r} exceeds the maximum rank {max_rank}")
-        if a.shape[0] != r or b.shape[1] != r:
-            raise AdapterValidationError(
-                f"{path}: wrong shape: lora_A {list(a.shape)}, lora_B {list(b.shape)} do not match rank {r}"
-            )
-        if base is not None:
-            if path not in base.modules:
-                raise AdapterValidationError(f"{path}: no such Linear/Conv1D module in base {base.name}")
-            fan_in, fan_out = base.modules[path]
-            if a.shape[1] != fan_in or b.shape[0] != fan_out:
-                raise AdapterValidationError(
-                    f"{path}: wrong shape: lora_A {list(a.shape)}, lora_B {list(b.shape)} do not fit the base module"
-                    f" (in={fan_in}, out={fan_out})"
-                )
-        module_scale = _scale(alpha, r, rslora)
-        if not math.isclose(module_scale, scale):
-            b = b * (module_scale / scale)
-        out[path] = (a.contiguous(), b.contiguous())
-    return out
-
-
 def _check_head(manifest: Manifest, head: dict[str, Tensor], base: BaseModelInfo | None) -> None:
     if manifest.task == "generation":
         if head:
@@ -344,7 +177,7 @@ def _check_head(manifest: Manifest, head: dict[str, Tensor], base: BaseModelInfo
     if not head:
         raise AdapterValidationError("classification adapter has no head weights (modules_to_save)")
     for key, tensor in head.items():
-        _check_dtype(key, tensor)
+        check_dtype(key, tensor)
         module = key.rsplit(".", 1)[0]
         if base is not None and key.endswith(".weight") and module in base.modules and tensor.dim() == 2:
             if tensor.shape[1] != base.modules[module][0]:
@@ -406,16 +239,16 @@ def read_adapter(
                 " fingerprint mismatch"
             )
     _check_files(folder, manifest, max_bytes, listing)
-    config = _read_config(folder)
+    config = read_config(folder)
     _check_manifest_vs_config(manifest, config)
-    scale = _scale(float(config["lora_alpha"]), int(config["r"]), bool(config.get("use_rslora")))
+    modules = None if base is None else base.modules
 
     def parse(tensors: dict[str, Tensor]) -> AdapterWeights:
-        lora_parts, head = split_tensors(tensors, config, base)
-        lora = _check_lora(lora_parts, config, base, max_rank, scale)
+        lora_parts, head = split_tensors(tensors, config, modules)
+        lora = lora_modules(lora_parts, config, modules, max_rank, f"base {base.name}" if base else "the base")
         _check_head(manifest, head, base)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        return AdapterWeights(manifest=manifest, scale=scale, lora=lora, head=head, nbytes=nbytes)
+        return AdapterWeights(manifest=manifest, scale=default_scale(config), lora=lora, head=head, nbytes=nbytes)
 
     return _load_tensors(folder, manifest.files[WEIGHTS_FILE], parse)
 
@@ -451,6 +284,21 @@ def _labels(src: Path, rows: int) -> list[str]:
     return [f"LABEL_{i}" for i in range(rows)]
 
 
+def peft_fields(
+    src: Path, config: dict[str, Any], base_info: BaseModelInfo, task: str, labels: list[str] | None = None
+) -> dict[str, Any]:
+    """The manifest fields a PEFT folder decides: task, lora, and for classification the head tensors (as the
+    validator will see them) and labels (given, else config.json's id2label, else LABEL_i)."""
+    _, head = split_tensors(_load_tensors(src), config, base_info.modules)
+    fields: dict[str, Any] = dict(task=task, lora=LoraInfo(**manifest_lora(config)))
+    if task == "classification" and head:
+        fields["labels"] = labels or _labels(src, output_rows(head))
+        fields["head"] = {
+            k: HeadTensor(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch.")) for k, t in head.items()
+        }
+    return fields
+
+
 def import_peft_folder(
     src: str | Path,
     name: str,
@@ -465,24 +313,12 @@ def import_peft_folder(
     if not src.is_dir():
         raise AdapterValidationError(f"PEFT folder {src} does not exist")
     _refuse_pickles(src)
-    config = _read_config(src)
+    config = read_config(src)
     if not (src / WEIGHTS_FILE).is_file():
         raise AdapterValidationError(f"{WEIGHTS_FILE} is missing from {src}")
     task = task or PEFT_TASKS.get(config.get("task_type") or "") or base_info.task
-    _, head = split_tensors(_load_tensors(src), config, base_info)
-    fields: dict[str, Any] = dict(
-        name=name,
-        version=version,
-        task=task,
-        base_model={"name": base_model, "fingerprint": base_info.fingerprint},
-        lora=LoraInfo.from_peft_config(config),
-    )
-    if task == "classification" and head:
-        fields["labels"] = _labels(src, output_rows(head))
-        fields["head"] = {
-            k: HeadTensor(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
-            for k, t in head.items()
-        }
+    fields = dict(name=name, version=version, base_model={"name": base_model, "fingerprint": base_info.fingerprint},
+                  **peft_fields(src, config, base_info, task))  # fmt: skip
     (src / MANIFEST_FILE).unlink(missing_ok=True)
     manifest = write_manifest(src, **fields)
     try:

@@ -43,14 +43,6 @@ class LoraInfo(_Strict):
     dropout: float = 0.0
     use_rslora: bool = False
 
-    @classmethod
-    def from_peft_config(cls, config: dict) -> LoraInfo:
-        """From a PEFT `adapter_config.json` (target_modules may be a list or one regex string)."""
-        targets = config["target_modules"]
-        return cls(r=config["r"], alpha=config["lora_alpha"],
-                   targets=sorted(targets) if isinstance(targets, list) else [targets],
-                   dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
-
 
 class DatasetInfo(_Strict):
     path: str

@@ -112,6 +112,8 @@ def write_results(
 def peft_adapter_weights(peft_model, name: str, scale: float) -> SimpleNamespace:
     """The AdapterWeights fields (.lora, .head, .scale) of one adapter of a live PEFT model, so an engine
     slot and PEFT run the very same tensors."""
+    from adapters.peft import LoraModule
+
     lora: dict[str, list] = {}
     head = {}
     for key, p in peft_model.named_parameters():
@@ -123,7 +125,7 @@ def peft_adapter_weights(peft_model, name: str, scale: float) -> SimpleNamespace
         tag = f".modules_to_save.{name}."
         if tag in key:
             head[key.replace(tag, ".")] = p.detach().cpu()
-    return SimpleNamespace(scale=scale, lora={k: tuple(v) for k, v in lora.items()}, head=head,
+    return SimpleNamespace(scale=scale, lora={k: LoraModule(*v, scale) for k, v in lora.items()}, head=head,
                            manifest=SimpleNamespace(labels=None))  # fmt: skip
 
 

@@ -79,7 +79,7 @@ class Lease:
 
 def pin_weights(weights: AdapterWeights) -> AdapterWeights:
     """Page-lock the host copy so slot loads to the GPU are plain DMA copies (CUDA engines only)."""
-    weights.lora = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.lora.items()}
+    weights.lora = {k: m.map(lambda t: t.pin_memory()) for k, m in weights.lora.items()}
     weights.head = {k: t.pin_memory() for k, t in weights.head.items()}
     return weights
 

@@ -5,7 +5,6 @@ Everything about the folder format and the registry lives in adapters/; this fil
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,8 +12,8 @@ from typing import Any
 
 from adapters.errors import LoraswapError
 from adapters.fingerprint import BaseModelInfo
-from adapters.format import CONFIG_FILE, WEIGHTS_FILE, split_tensors, validate_adapter, write_manifest
-from adapters.manifest import HeadTensor, LoraInfo
+from adapters.format import peft_fields, validate_adapter, write_manifest
+from adapters.peft import CONFIG_FILE, WEIGHTS_FILE, read_config
 
 
 def stage(adapter_dir: Path, eval_dir: Path | None, into: Path) -> Path:
@@ -32,26 +31,9 @@ def stage(adapter_dir: Path, eval_dir: Path | None, into: Path) -> Path:
 def manifest_fields(folder: Path, *, name: str, version: int, task: str, base_info: BaseModelInfo,
                     labels: list[str] | None, metrics: dict[str, Any], dataset: dict[str, Any] | None,
                     training: dict[str, Any] | None) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    # The head as the validator sees it (same key mapping as adapters/format.py), not as we think we saved it.
-    _, head = split_tensors(load_file(str(folder / WEIGHTS_FILE)), config, base_info)
-    fields: dict[str, Any] = dict(
-        name=name,
-        version=version,
-        task=task,
-        base_model={"name": base_info.name, "fingerprint": base_info.fingerprint},
-        lora=LoraInfo.from_peft_config(config),
-        metrics=metrics,
-        dataset=dataset,
-        training=training,
-    )
-    if task == "classification":
-        fields["labels"] = labels
-        fields["head"] = {k: HeadTensor(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
-                          for k, t in head.items()}
-    return fields
+    fields = peft_fields(folder, read_config(folder), base_info, task, labels)
+    return dict(name=name, version=version, base_model={"name": base_info.name, "fingerprint": base_info.fingerprint},
+                metrics=metrics, dataset=dataset, training=training, **fields)  # fmt: skip
 
 
 def publish(adapter_dir: Path, eval_dir: Path | None, *, registry: str, name: str, task: str,

@@ -195,7 +195,7 @@ class ClassifierEngine:
         labels = list(getattr(weights.manifest, "labels", None) or [])
         if labels and len(labels) != w.shape[0]:
             raise ValueError(f"manifest has {len(labels)} labels but the head has {w.shape[0]} rows")
-        self.slots.load(slot, lora, weights.scale)  # validates LoRA shapes before writing
+        self.slots.load(slot, lora)  # validates LoRA shapes before writing
         self.heads.load(slot, w, b, pooler)
         self.labels[slot] = labels or [f"LABEL_{i}" for i in range(w.shape[0])]
 

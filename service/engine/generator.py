@@ -183,8 +183,8 @@ class GeneratorEngine:
 
     # --- SlotEngine ---------------------------------------------------------------------------------
     def load_slot(self, slot: int, weights: Any) -> None:
-        """Copy an adapter (`.lora`, `.scale`) into `slot`. The caller guarantees no running request uses it."""
-        self.slots.load(slot, weights.lora, weights.scale)
+        """Copy an adapter (`.lora`) into `slot`. The caller guarantees no running request uses it."""
+        self.slots.load(slot, weights.lora)
 
     def clear_slot(self, slot: int) -> None:
         self.slots.clear(slot)

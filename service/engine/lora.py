@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from adapters.peft import LoraModule
+
 
 @dataclass(frozen=True)
 class SlotGroups:
@@ -52,6 +54,7 @@ class SlotState:
     uniform_slot: int | None = None  # set when every row uses the same adapter slot (> 0)
     groups: SlotGroups | None = None  # CPU, mixed slots over a dense range: see group_rows
     laid_out: bool = False  # inputs arrive already in `groups`' padded layout (the caller scattered them)
+    extras: bool = False  # some row's slot has a DoRA rescale or a LoRA bias (LoraSlots.extra_slots)
 
     @property
     def rows(self) -> int:
@@ -60,16 +63,26 @@ class SlotState:
             return self.groups.count * self.groups.width
         return 0 if self.slot_ids is None else self.slot_ids.shape[0]
 
+    def row_slots(self) -> Tensor:
+        """The slot of every row of the wrapped inputs: slot_ids, or each padded row's slot when laid out."""
+        if not self.laid_out:
+            return self.slot_ids
+        g = self.groups
+        lo = torch.arange(g.lo, g.lo + g.count, device=self.slot_ids.device)
+        return lo.repeat_interleave(g.width)
+
     def set_static(self, slot_ids: Tensor) -> None:
         """Route rows with no host sync and no branch on the ids' values (what CUDA graph capture needs):
-        every wrapped linear takes the gathered path, rows of slot 0 included (their A/B are zeros)."""
+        every wrapped linear takes the gathered path, rows of slot 0 included (their A/B are zeros), and
+        applies the DoRA/bias terms (zeros for slots without them)."""
         self.slot_ids, self.active, self.uniform_slot = slot_ids, True, None
-        self.groups, self.laid_out = None, False
+        self.groups, self.laid_out, self.extras = None, False, True
 
-    def set(self, slot_ids: Tensor | None, laid_out: bool = False) -> None:
+    def set(self, slot_ids: Tensor | None, laid_out: bool = False, extra_slots: frozenset[int] = frozenset()) -> None:
         """Route the next forward's rows; with `laid_out`, ask for the padded layout (granted when
-        `groups` is set: the caller reads `self.laid_out` and scatters its rows once for every linear)."""
-        self.groups, self.laid_out = None, False
+        `groups` is set: the caller reads `self.laid_out` and scatters its rows once for every linear).
+        `extra_slots`: slots whose adapters have DoRA or LoRA bias terms."""
+        self.groups, self.laid_out, self.extras = None, False, False
         if slot_ids is None:
             self.slot_ids, self.active, self.uniform_slot = None, False, None
             return
@@ -77,6 +90,7 @@ class SlotState:
         distinct = torch.unique(slot_ids).tolist()  # one host sync per forward pass, not per linear; sorted
         self.slot_ids = slot_ids
         self.active = any(s != 0 for s in distinct)
+        self.extras = not extra_slots.isdisjoint(distinct)
         self.uniform_slot = distinct[0] if len(distinct) == 1 and distinct[0] != 0 else None
         if self.active and self.uniform_slot is None and slot_ids.device.type == "cpu":
             self.groups = group_rows(slot_ids, distinct)
@@ -184,9 +198,15 @@ MIXED_PATHS: dict[str, Callable[[Tensor, Tensor, SlotState, Tensor, Tensor], Non
 class MultiLoraLinear(nn.Module):
     """y = base(x) + (x A[s]) B[s] with s the row's slot; the LoRA scale is folded into B at load time.
 
-    The base module is kept as is (shared weights, no copy). lora_A [S, in, r_max] and lora_B
-    [S, r_max, out] are non-persistent buffers: they follow `.to(device)` but stay out of state_dict.
-    Slot 0 is all zeros and means "no adapter".
+    DoRA and LoRA bias (PEFT's `use_dora`, `lora_bias`) add two per-slot vectors: with m = magnitude /
+    ||W + sBA||_row, PEFT's output base(x) + (m - 1) * (W x) + m * s * (B A x) becomes
+    y = base(x) + dora_g[s] * (base(x) - bias) + (x A[s]) B'[s] + lora_bias[s], with g = m - 1 and m folded
+    into B' at load time; the LoRA bias is s * b. Both are zeros for other slots, so rows of any adapter
+    share one batch, and the terms are only computed when a row's slot has them.
+
+    The base module is kept as is (shared weights, no copy). lora_A [S, in, r_max], lora_B
+    [S, r_max, out], dora_g and lora_bias [S, out] are non-persistent buffers: they follow `.to(device)`
+    but stay out of state_dict. Slot 0 is all zeros and means "no adapter".
     """
 
     def __init__(
@@ -214,23 +234,60 @@ class MultiLoraLinear(nn.Module):
             torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=weight.device),
             persistent=False,
         )
+        for name in ("dora_g", "lora_bias"):
+            self.register_buffer(
+                name, torch.zeros(num_slots, self.out_features, dtype=dtype, device=weight.device), persistent=False
+            )
+        # DoRA's norm needs ||W_row||^2; kept here because the base weight may be repacked (packed_linear.py).
+        self.base_dtype = weight.dtype
+        w = weight.detach().float()
+        self.register_buffer("weight_sq", (w.t() if isinstance(base, Conv1D) else w).pow(2).sum(1), persistent=False)
+
+    def _base_without_bias(self, x: Tensor) -> Tensor:
+        bias = getattr(self.base, "bias", None)
+        y = self.base(x)
+        return y if bias is None else y - bias
 
     @torch.no_grad()
-    def load_slot(self, slot: int, A: Tensor, B: Tensor, scale: float) -> None:
-        """Copy PEFT-layout weights (A [r, in], B [out, r]) into `slot`, zero-padding to r_max.
+    def load_slot(self, slot: int, module: LoraModule) -> None:
+        """Copy one module's adapter (PEFT layout: A [r, in], B [out, r]) into `slot`, zero-padding to r_max.
         Shapes are checked by the caller (`LoraSlots.load`) before any slot is touched."""
-        r = A.shape[0]
+        A, B, r = module.A, module.B, module.rank
         copy_transposed(self.lora_A[slot, :, :r], A)
-        # Scaled straight into the slot (no temporary); computed in fp32, then cast to the stack dtype.
-        copy_transposed(self.lora_B[slot, :r, :], B, scale)
+        if module.magnitude is None:
+            # Scaled straight into the slot (no temporary); computed in fp32, then cast to the stack dtype.
+            copy_transposed(self.lora_B[slot, :r, :], B, module.scale)
+            self.dora_g[slot].zero_()
+        else:  # W A^T through the base module itself: a packed weight has no dense copy to read
+            a = A.to(self.weight_sq.device, self.base_dtype)
+            weight_a = self._base_without_bias(a).float().t().cpu()
+            m = module.dora_scale(self.weight_sq.cpu(), weight_a)
+            copy_transposed(self.lora_B[slot, :r, :], B.float() * (m[:, None] * module.scale))
+            self.dora_g[slot].copy_(m - 1)
+        if module.bias is None:
+            self.lora_bias[slot].zero_()
+        else:
+            self.lora_bias[slot].copy_(module.bias.float() * module.scale)
         if r < self.max_rank:  # only the padding is zeroed: each byte of the slot is written once
             self.lora_A[slot, :, r:].zero_()
             self.lora_B[slot, r:, :].zero_()
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
+        for stack in (self.lora_A, self.lora_B, self.dora_g, self.lora_bias):
+            stack[slot].zero_()
+
+    def _add_extras(self, y: Tensor, state: SlotState) -> None:
+        """y += g[s] * (y - base bias) + lora_bias[s], per row (before the LoRA delta is added)."""
+        bias = getattr(self.base, "bias", None)
+        if state.uniform_slot is not None:
+            g, lb = self.dora_g[state.uniform_slot], self.lora_bias[state.uniform_slot]
+        else:
+            rows = state.row_slots()
+            shape = (rows.shape[0],) + (1,) * (y.dim() - 2) + (y.shape[-1],)
+            g = self.dora_g.index_select(0, rows).view(shape)
+            lb = self.lora_bias.index_select(0, rows).view(shape)
+        y.add_((y if bias is None else y - bias) * g + lb)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -239,6 +296,8 @@ class MultiLoraLinear(nn.Module):
             return y
         if state.rows != x.shape[0]:
             raise ValueError(f"slot routing is for {state.rows} rows, the input has {x.shape[0]}")
+        if state.extras:
+            self._add_extras(y, state)
         if state.uniform_slot is not None:
             _add_lora_uniform(y, x, state.uniform_slot, self.lora_A, self.lora_B)
         else:

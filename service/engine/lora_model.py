@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from adapters.peft import LoraModule
 from service.engine.lora import MultiLoraLinear, SlotGroups, SlotState
 
 # A path component that is a number means "inside a repeated block list" (encoder.layer.3,
@@ -47,6 +48,7 @@ class LoraSlots:
         self.state = state
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.extra_slots: frozenset[int] = frozenset()  # slots whose adapter has DoRA or LoRA bias terms
 
     @contextmanager
     def use(self, slot_ids: Tensor, laid_out: bool = False) -> Iterator[SlotGroups | None]:
@@ -58,7 +60,7 @@ class LoraSlots:
         slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=device)
         if slot_ids.numel() and (int(slot_ids.min()) < 0 or int(slot_ids.max()) >= self.num_slots):
             raise ValueError(f"slot ids must be in [0, {self.num_slots}), got {slot_ids.tolist()}")
-        self.state.set(slot_ids, laid_out)
+        self.state.set(slot_ids, laid_out, self.extra_slots)
         try:
             yield self.state.groups if self.state.laid_out else None
         finally:
@@ -80,20 +82,20 @@ class LoraSlots:
                 f"slot must be in [1, {self.num_slots - 1}] (slot 0 is the base model), got {slot}"
             )
 
-    def load(self, slot: int, lora: dict[str, tuple[Tensor, Tensor]], scale: float) -> None:
-        """Copy an adapter (module path -> (A [r, in], B [out, r]), PEFT layout) into `slot`.
+    def load(self, slot: int, lora: dict[str, LoraModule]) -> None:
+        """Copy an adapter (module path -> LoraModule, PEFT layout) into `slot`.
 
         Everything is validated before anything is written, so a refused adapter leaves the slot as it
         was. Wrapped modules the adapter does not target are zeroed: a reload replaces the slot fully.
         """
         self._check_slot(slot)
-        for path, (A, B) in lora.items():
+        for path, lm in lora.items():
             module = self.modules.get(path)
             if module is None:
                 raise ValueError(
                     f"adapter targets {path!r}, which is not a wrapped LoRA module of this model"
                 )
-            r = A.shape[0]
+            A, B, r = lm.A, lm.B, lm.rank
             if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
                 raise ValueError(
                     f"{path}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, in] and [out, r]"
@@ -105,11 +107,14 @@ class LoraSlots:
                     f"{path}: expected A [r, {module.in_features}] and B [{module.out_features}, r], "
                     f"got {tuple(A.shape)} and {tuple(B.shape)}"
                 )
+        self.extra_slots = self.extra_slots - {slot}  # not served with extras while it changes
         for path, module in self.modules.items():
             if path in lora:
-                module.load_slot(slot, *lora[path], scale)  # converted to fp32 on the slot's device
+                module.load_slot(slot, lora[path])  # converted to fp32 on the slot's device
             else:
                 module.clear_slot(slot)
+        if any(m.bias is not None or m.magnitude is not None for m in lora.values()):
+            self.extra_slots = self.extra_slots | {slot}
         self._settle()
 
     def _settle(self) -> None:
@@ -121,6 +126,7 @@ class LoraSlots:
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
+        self.extra_slots = self.extra_slots - {slot}
         for module in self.modules.values():
             module.clear_slot(slot)
         self._settle()

@@ -49,9 +49,10 @@ def test_import_then_read(adapter_dir, base_info, peft_state):
     assert set(m.files) == {"adapter_config.json", WEIGHTS, "README.md"}
     assert weights.scale == 2.0
     assert len(weights.lora) == 4
-    for path, (a, b) in weights.lora.items():
-        assert torch.equal(a, peft_state[f"base_model.model.{path}.lora_A.weight"])
-        assert torch.equal(b, peft_state[f"base_model.model.{path}.lora_B.weight"])
+    for path, module in weights.lora.items():
+        assert torch.equal(module.A, peft_state[f"base_model.model.{path}.lora_A.weight"])
+        assert torch.equal(module.B, peft_state[f"base_model.model.{path}.lora_B.weight"])
+        assert module.scale == 2.0 and module.bias is None and module.magnitude is None
     assert torch.equal(weights.head["classifier.weight"], peft_state["base_model.model.classifier.weight"])
     assert weights.nbytes == sum(t.numel() * 4 for t in peft_state.values())
     assert validate_adapter(adapter_dir) == m  # structure-only validation, no base
@@ -68,17 +69,18 @@ def test_rslora_scale(tmp_path, base_folder, base_info, helpers):
     assert read_adapter(tmp_path / "a", base_info).scale == pytest.approx(8 / math.sqrt(4))
 
 
-def test_rank_and_alpha_pattern_folded_into_b(tmp_path, base_folder, base_info, helpers):
+def test_rank_and_alpha_pattern_give_the_module_its_own_scale(tmp_path, base_folder, base_info, helpers):
     state = helpers.save_peft_adapter(
         base_folder, tmp_path / "a", r=4, lora_alpha=8, rank_pattern={"value": 2}, alpha_pattern={"value": 8}
     )
     import_peft_folder(tmp_path / "a", "pat", "b", base_info)
     weights = read_adapter(tmp_path / "a", base_info)
     path = "bert.encoder.layer.0.attention.self.value"
-    a, b = weights.lora[path]
-    assert a.shape == (2, 32)
-    # PEFT scales this module by 8/2 = 4; the adapter scale is 8/4 = 2, so B carries the factor 2.
-    assert torch.allclose(b, state[f"base_model.model.{path}.lora_B.weight"] * 2)
+    module = weights.lora[path]
+    assert module.A.shape == (2, 32)
+    # PEFT scales this module by 8/2 = 4; the others by the adapter's 8/4 = 2.
+    assert torch.equal(module.B, state[f"base_model.model.{path}.lora_B.weight"]) and module.scale == 4.0
+    assert weights.scale == 2.0 and weights.lora["bert.encoder.layer.0.attention.self.query"].scale == 2.0
 
 
 def test_adapter_saved_on_bare_backbone_maps_to_base_paths(tmp_path, base_folder, base_info):
@@ -211,9 +213,15 @@ def test_manifest_missing(peft_dir, base_info):
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True}, "lora_magnitude_vector missing but use_dora=True"),  # DoRA needs its vectors
+        ({"lora_bias": True}, "lora_B.bias missing but lora_bias=True"),
         ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-        ({"bias": "all"}, "bias='all' is not supported"),
+        ({"peft_type": "PREFIX_TUNING"}, "peft_type 'PREFIX_TUNING' is not supported"),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
+        ({"target_parameters": ["query.weight"]}, "target_parameters"),
+        ({"alora_invocation_tokens": [5]}, "alora_invocation_tokens"),
+        ({"use_dora": True, "lora_bias": True}, "lora_bias with use_dora"),
+        ({"bias": "all"}, "bias='all' .* is not supported"),
         ({"init_lora_weights": "pissa"}, "changes the base weights"),
         ({"layer_replication": [[0, 1]]}, "layer_replication"),
     ],

@@ -132,9 +132,9 @@ def test_fetch_and_roundtrip(registry, adapter_dir, base_info, peft_state, tmp_p
     weights = read_adapter(folder, base_info)
     assert weights.manifest.version == 1
     saved = {}
-    for path, (a, b) in weights.lora.items():
-        saved[f"base_model.model.{path}.lora_A.weight"] = a
-        saved[f"base_model.model.{path}.lora_B.weight"] = b
+    for path, module in weights.lora.items():
+        saved[f"base_model.model.{path}.lora_A.weight"] = module.A
+        saved[f"base_model.model.{path}.lora_B.weight"] = module.B
     for key, tensor in weights.head.items():
         saved[f"base_model.model.{key}"] = tensor
     assert saved.keys() == peft_state.keys()

@@ -4,7 +4,6 @@ disk, and real PEFT SEQ_CLS adapters trained on nothing but with randomised LoRA
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,8 @@ from transformers import (
     BertForSequenceClassification,
     BertTokenizerFast,
 )
+
+from adapters.peft import WEIGHTS_FILE, default_scale, lora_modules, read_config, split_tensors
 
 WORDS = [f"w{i}" for i in range(95)]
 
@@ -92,25 +93,12 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, spec: tuple, seed: int) -> 
 
 
 def read_peft_folder(folder: Path, labels: int) -> SimpleNamespace:
-    """Stand-in for adapters.format.read_adapter (used until that module exists): AdapterWeights' fields."""
-    try:
-        from adapters.format import read_adapter  # noqa: F401  (real reader needs a manifest; see tests)
-    except ImportError:
-        pass
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(folder / "adapter_model.safetensors")
-    lora: dict[str, list] = {}
-    head = {}
-    for key, value in tensors.items():
-        path = key.removeprefix("base_model.model.")
-        if ".lora_A." in path or ".lora_B." in path:
-            module = path.split(".lora_")[0]
-            lora.setdefault(module, [None, None])[".lora_B." in path] = value
-        else:
-            head[path] = value
+    """AdapterWeights' fields of a plain PEFT folder (no manifest), read by the service's own PEFT rules."""
+    cfg = read_config(folder)
+    parts, head = split_tensors(load_file(folder / WEIGHTS_FILE), cfg)
     return SimpleNamespace(
-        scale=cfg["lora_alpha"] / cfg["r"],
-        lora={k: (a, b) for k, (a, b) in lora.items()},
+        scale=default_scale(cfg),
+        lora=lora_modules(parts, cfg, None, max_rank=64),
         head=head,
         manifest=SimpleNamespace(labels=[f"l{i}" for i in range(labels)]),
     )

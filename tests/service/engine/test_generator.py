@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from adapters.fingerprint import describe_base
 from adapters.format import import_peft_folder, read_adapter
+from adapters.peft import LoraModule
 from service.engine.cuda_graphs import DecodeGraphs, _buckets
 from service.engine.generator import Detokenizer, EngineOverloadedError, GeneratorEngine
 from service.engine.model_runner import attend, decode_bias, output_projection
@@ -452,7 +453,7 @@ def _random_slots(engine) -> None:
     for module in engine.slots.modules.values():
         for slot in (1, 2):
             A, B = torch.randn(4, module.in_features), torch.randn(module.out_features, 4)
-            module.load_slot(slot, A, B, 0.5)  # host tensors: copied to the slot's device
+            module.load_slot(slot, LoraModule(A, B, 0.5))  # host tensors: copied to the slot's device
 
 
 def _engine(device: str = "cpu", **kw):

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from adapters.peft import LoraModule
 from service.engine.lora import MultiLoraLinear, SlotState, copy_transposed, group_rows, lora_delta_reference
 from service.engine.lora_model import inject_multi_lora, matches_target
 from service.engine.packed_linear import pack_block_linears
@@ -21,7 +22,7 @@ torch.manual_seed(0)
 
 def _random_slots(module: MultiLoraLinear, ranks: dict[int, int]) -> None:
     for slot, r in ranks.items():
-        module.load_slot(slot, torch.randn(r, module.in_features), torch.randn(module.out_features, r), 0.5)
+        module.load_slot(slot, LoraModule(torch.randn(r, module.in_features), torch.randn(module.out_features, r), 0.5))
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -80,7 +81,7 @@ def test_laid_out_rows_match_reference(kind: str) -> None:
 def test_load_folds_scale_and_pads_rank() -> None:
     layer = MultiLoraLinear(nn.Linear(8, 6), SlotState(), num_slots=2, max_rank=4)
     A, B = torch.randn(2, 8), torch.randn(6, 2)
-    layer.load_slot(1, A, B, 2.0)
+    layer.load_slot(1, LoraModule(A, B, 2.0))
     x = torch.randn(3, 8)
     torch.testing.assert_close(x @ layer.lora_A[1] @ layer.lora_B[1], 2.0 * (x @ A.t() @ B.t()))
     assert not layer.lora_A[1, :, 2:].any() and not layer.lora_B[1, 2:].any()
@@ -135,19 +136,19 @@ def test_load_validation_and_reload_smaller_rank() -> None:
     slots = inject_multi_lora(model, ["query", "value"], num_slots=3, max_rank=4)
     q = "encoder.layer.0.attention.self.query"
     with pytest.raises(ValueError, match="not a wrapped"):
-        slots.load(1, {"encoder.layer.0.attention.self.key": (torch.randn(2, 32), torch.randn(32, 2))}, 1.0)
+        slots.load(1, {"encoder.layer.0.attention.self.key": LoraModule(torch.randn(2, 32), torch.randn(32, 2), 1.0)})
     with pytest.raises(ValueError, match="max_rank"):
-        slots.load(1, {q: (torch.randn(5, 32), torch.randn(32, 5))}, 1.0)
+        slots.load(1, {q: LoraModule(torch.randn(5, 32), torch.randn(32, 5), 1.0)})
     with pytest.raises(ValueError, match="expected"):
-        slots.load(1, {q: (torch.randn(2, 31), torch.randn(32, 2))}, 1.0)
+        slots.load(1, {q: LoraModule(torch.randn(2, 31), torch.randn(32, 2), 1.0)})
     with pytest.raises(ValueError, match="slot 0"):
-        slots.load(0, {q: (torch.randn(2, 32), torch.randn(32, 2))}, 1.0)
-    full = {p: (torch.randn(4, 32), torch.randn(32, 4)) for p in slots.modules}
-    slots.load(1, full, 1.0)
-    small = {q: (torch.randn(2, 32), torch.randn(32, 2))}
-    slots.load(1, small, 1.0)
+        slots.load(0, {q: LoraModule(torch.randn(2, 32), torch.randn(32, 2), 1.0)})
+    full = {p: LoraModule(torch.randn(4, 32), torch.randn(32, 4), 1.0) for p in slots.modules}
+    slots.load(1, full)
+    small = {q: LoraModule(torch.randn(2, 32), torch.randn(32, 2), 1.0)}
+    slots.load(1, small)
     fresh = inject_multi_lora(_tiny_bert(), ["query", "value"], num_slots=3, max_rank=4)
-    fresh.load(1, small, 1.0)
+    fresh.load(1, small)
     for p, m in slots.modules.items():  # identical to a slot that only ever saw the small adapter
         assert torch.equal(m.lora_A[1], fresh.modules[p].lora_A[1])
         assert torch.equal(m.lora_B[1], fresh.modules[p].lora_B[1])
@@ -160,14 +161,14 @@ def _randomise_lora_b(peft_model: nn.Module) -> None:
     randomize_adapter(peft_model, 0.2)
 
 
-def _peft_lora(peft_model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module path -> (A [r, in], B [out, r]) as adapters.format will read them from the saved folder."""
+def _peft_lora(peft_model: nn.Module, scale: float) -> dict[str, LoraModule]:
+    """Module path -> LoraModule, as adapters.format reads them from the saved folder."""
     out: dict[str, list[torch.Tensor]] = {}
     for name, p in peft_model.named_parameters():
         if ".lora_A.default.weight" in name or ".lora_B.default.weight" in name:
             path = name.removeprefix("base_model.model.").split(".lora_")[0]
             out.setdefault(path, [None, None])["lora_B" in name] = p.detach().clone()
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    return {k: LoraModule(v[0], v[1], scale) for k, v in out.items()}
 
 
 def _tiny_gpt2() -> nn.Module:
@@ -215,11 +216,11 @@ def test_mixed_batch_matches_peft_per_row(make, adapter_targets, packed: bool) -
         cfg = LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=targets, lora_dropout=0.0)
         peft_model = get_peft_model(fresh, cfg).eval()
         _randomise_lora_b(peft_model)
-        adapters.append((peft_model, _peft_lora(peft_model), cfg.lora_alpha / r))
+        adapters.append((peft_model, _peft_lora(peft_model, cfg.lora_alpha / r)))
 
     slots = inject_multi_lora(base, None, num_slots=len(adapters) + 1, max_rank=8)
-    for i, (_, lora, scale) in enumerate(adapters, start=1):
-        slots.load(i, lora, scale)
+    for i, (_, lora) in enumerate(adapters, start=1):
+        slots.load(i, lora)
     if packed:  # as the engines run on CPU fp32: every block linear (LoRA bases included) in oneDNN layout
         assert pack_block_linears(base) > 0
 
