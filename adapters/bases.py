@@ -83,6 +83,29 @@ def resolve_base(name_or_path: str | Path) -> Path | str:
     return str(name_or_path)
 
 
+def local_base(name_or_path: str | Path) -> Path | None:
+    """The local folder of a base, or None when it is not on this machine; never downloads.
+
+    An embedded default name gives its folder (None when the package that carries it is not installed);
+    an existing folder gives itself (a LoraswapError when it has no config.json, as in resolve_base);
+    anything else (a hub id, a folder that does not exist) gives None.
+    """
+    if not str(name_or_path).strip():
+        return None
+    key = str(name_or_path).lower()
+    if key in _EMBEDDED:
+        try:
+            return _EMBEDDED[key]()
+        except LoraswapError:  # the package that ships it is not installed
+            return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return None
+    if not (path / "config.json").exists():
+        raise LoraswapError(f"base model folder {path} has no config.json")
+    return path
+
+
 def load_base(
     name_or_path: str | Path,
     task: str,

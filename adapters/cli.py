@@ -115,10 +115,11 @@ def load_base_model(name_or_path: str, task: str):
     return model
 
 
-def _describe(name_or_path: str, task: str):
+def _describe(name_or_path: str, task: str, source: str | Path | None = None):
+    """Fingerprint the base `name_or_path`, loaded from `source` (a local folder) when given."""
     from adapters.fingerprint import describe_base
 
-    return describe_base(load_base_model(name_or_path, task), name_or_path, task)
+    return describe_base(load_base_model(str(source or name_or_path), task), name_or_path, task)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -141,15 +142,37 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """Check the adapter against --base, else against the base its manifest names when that base is
+    local (an embedded default or a folder); never download one. Without a local base the base checks
+    are skipped with a warning, or refused with --strict."""
+    from adapters.bases import local_base
     from adapters.format import read_adapter
     from adapters.manifest import Manifest
 
+    if not Path(args.path).is_dir():  # before reading the manifest, as read_adapter reports it
+        raise LoraswapError(f"adapter folder {args.path} does not exist")
+    manifest = Manifest.load(args.path)
+    named = manifest.base_model.name
     base = None
     if args.base:
-        base = _describe(args.base, Manifest.load(args.path).task)
+        base = _describe(args.base, manifest.task)
+        checked = f"fingerprint and module shapes checked against base {args.base} (--base)"
+    else:
+        folder = local_base(named)
+        if folder is not None:
+            base = _describe(named, manifest.task, source=folder)
+            checked = f"fingerprint and module shapes checked against base {named} (named by the manifest)"
     weights = read_adapter(args.path, base, max_rank=args.max_rank, max_bytes=args.max_bytes)
     m = weights.manifest
-    checked = f"base {args.base}" if base else "no base given: fingerprint and module shapes not checked"
+    if base is None:
+        missing = (
+            f"the base the manifest names, {named!r}, is not available locally (neither an installed"
+            " embedded base nor a folder with config.json): fingerprint, module shapes and task not checked"
+        )
+        if args.strict:
+            raise LoraswapError(f"{missing}; --strict refuses that (pass --base NAME|FOLDER to check)")
+        print(f"warning: {missing}; pass --base NAME|FOLDER to check them", file=sys.stderr)
+        checked = f"base {named} not available locally: fingerprint, module shapes and task not checked"
     print(
         f"ok: {m.name}@{m.version} ({m.task}, {len(weights.lora)} LoRA modules, {weights.nbytes} bytes; {checked})"
     )
@@ -240,7 +263,14 @@ def register_adapter_commands(subparsers: argparse._SubParsersAction) -> None:
     p = commands.add_parser("validate", parents=[common], help="validate an adapter folder")
     p.add_argument("path", metavar="PATH")
     p.add_argument(
-        "--base", help="base model (name or folder) to check the fingerprint and module shapes against"
+        "--base",
+        help="base model (name or folder) to check the fingerprint and module shapes against"
+        " (default: the base the manifest names, when it is embedded or a local folder)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 1) when the base cannot be checked because it is not available locally",
     )
     p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--max-bytes", type=int, default=512 * 2**20)
