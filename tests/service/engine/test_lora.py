@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import randomize_adapter
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -156,21 +155,6 @@ def test_load_validation_and_reload_smaller_rank() -> None:
     assert not any(m.lora_A[1].any() or m.lora_B[1].any() for m in slots.modules.values())
 
 
-def _randomise_lora_b(peft_model: nn.Module) -> None:
-    # PEFT initialises B to zero, which would make every adapter a no-op.
-    randomize_adapter(peft_model, 0.2)
-
-
-def _peft_lora(peft_model: nn.Module, scale: float) -> dict[str, LoraModule]:
-    """Module path -> LoraModule, as adapters.format reads them from the saved folder."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for name, p in peft_model.named_parameters():
-        if ".lora_A.default.weight" in name or ".lora_B.default.weight" in name:
-            path = name.removeprefix("base_model.model.").split(".lora_")[0]
-            out.setdefault(path, [None, None])["lora_B" in name] = p.detach().clone()
-    return {k: LoraModule(v[0], v[1], scale) for k, v in out.items()}
-
-
 def _tiny_gpt2() -> nn.Module:
     return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
 
@@ -188,44 +172,80 @@ def _tiny_llama() -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize(
-    "make, adapter_targets",
-    [
-        (_tiny_gpt2, [["c_attn"], ["c_attn", "c_proj", "c_fc"], ["mlp.c_proj"]]),
-        (
-            _tiny_llama,
-            [
-                ["q_proj", "v_proj"],
-                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                ["down_proj"],
-            ],
-        ),
-        (_tiny_bert, [["query", "value"], ["query", "key", "value", "output.dense"], ["intermediate.dense"]]),
-    ],
-)
+def _peft_options(family: str) -> list[dict]:
+    """LoraConfig options a user may pick, one adapter each, all served in one batch: target lists, PEFT's
+    `all-linear`, a regex, exclude_modules, layers_to_transform, rank/alpha patterns, rsLoRA, lora_bias, DoRA."""
+    attn, mlp, layers = {
+        "gpt2": (["c_attn"], ["c_fc", "mlp.c_proj"], "h"),
+        "llama": (["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"], "layers"),
+        "bert": (["query", "value"], ["intermediate.dense", "output.dense"], "layer"),
+    }[family]
+    last = mlp[-1].split(".")[-1]
+    return [
+        dict(target_modules=attn),
+        dict(target_modules="all-linear", r=8),
+        dict(target_modules=rf".*\.{layers}\.1\..*({'|'.join(m.split('.')[-1] for m in attn)})", r=2),
+        dict(target_modules=attn + mlp, exclude_modules=[mlp[0]], rank_pattern={last: 2},
+             alpha_pattern={last: 7}, use_rslora=True),
+        dict(target_modules=mlp, layers_to_transform=[1], layers_pattern=layers),
+        dict(target_modules=attn + mlp, lora_bias=True),
+        dict(target_modules="all-linear", use_dora=True),
+        dict(target_modules=mlp, use_dora=True, r=2),
+    ]
+
+
+def _through_import(peft_model: nn.Module, folder, base: nn.Module) -> dict[str, LoraModule]:
+    """Save with PEFT, then read through the service's import and validation path."""
+    from adapters.fingerprint import describe_base
+    from adapters.format import import_peft_folder, read_adapter
+
+    info = describe_base(base, "tiny", "generation")
+    peft_model.save_pretrained(folder)
+    import_peft_folder(folder, "a", "tiny", info, task="generation")
+    return read_adapter(folder, info, max_rank=8).lora
+
+
+def _randomise_peft(peft_model: nn.Module) -> None:
+    """Random A, B and LoRA biases; DoRA magnitudes at 0.5-1.5x their initial norms (a real adapter's range)."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+            elif "lora_" in name:
+                p.normal_(0, 0.2)
+
+
+def _bare_bert() -> BertModel:
+    return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64), add_pooling_layer=False).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("family, make", [("gpt2", _tiny_gpt2), ("llama", _tiny_llama), ("bert", _bare_bert)])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_mixed_batch_matches_peft_per_row(make, adapter_targets, packed: bool) -> None:
+def test_mixed_batch_of_peft_options_matches_peft_per_row(family, make, packed: bool, tmp_path) -> None:
+    """Every option of `_peft_options` in one batch, each row equal to PEFT for its adapter alone."""
     torch.manual_seed(1)
     base = make()
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    ranks = [2, 8, 4]
+    options = _peft_options(family)
     adapters = []
-    for targets, r in zip(adapter_targets, ranks, strict=True):
+    for i, opts in enumerate(options):
         fresh = make()
         fresh.load_state_dict(state)
-        cfg = LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=targets, lora_dropout=0.0)
-        peft_model = get_peft_model(fresh, cfg).eval()
-        _randomise_lora_b(peft_model)
-        adapters.append((peft_model, _peft_lora(peft_model, cfg.lora_alpha / r)))
+        opts = {"r": 4, "lora_alpha": 9, "lora_dropout": 0.0, "fan_in_fan_out": family == "gpt2", **opts}
+        peft_model = get_peft_model(fresh, LoraConfig(**opts)).eval()
+        _randomise_peft(peft_model)
+        adapters.append((peft_model, _through_import(peft_model, tmp_path / str(i), make())))
 
     slots = inject_multi_lora(base, None, num_slots=len(adapters) + 1, max_rank=8)
     for i, (_, lora) in enumerate(adapters, start=1):
         slots.load(i, lora)
+    assert slots.extra_slots == {6, 7, 8}  # lora_bias and the two DoRA adapters
     if packed:  # as the engines run on CPU fp32: every block linear (LoRA bases included) in oneDNN layout
         assert pack_block_linears(base) > 0
 
-    ids = torch.randint(1, 100, (7, 9))
-    slot_ids = torch.tensor([0, 1, 2, 3, 1, 0, 3])
+    slot_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 7, 0, 3])
+    ids = torch.randint(1, 100, (len(slot_ids), 9))
     with torch.no_grad(), slots.use(slot_ids):
         got = base(input_ids=ids)
     got = got.logits if hasattr(got, "logits") else got.last_hidden_state
@@ -238,7 +258,7 @@ def test_mixed_batch_matches_peft_per_row(make, adapter_targets, packed: bool) -
             else:
                 want = adapters[slot - 1][0](input_ids=ids[row : row + 1])
             want = want.logits if hasattr(want, "logits") else want.last_hidden_state
-            torch.testing.assert_close(got[row : row + 1], want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got[row : row + 1], want, atol=1e-4, rtol=1e-4, msg=f"row {row} slot {slot}")
 
 
 def test_use_rejects_bad_slot_ids_and_resets_state() -> None:
