@@ -94,37 +94,37 @@ def tiny_model(arch: str) -> torch.nn.Module:
     return model.eval()
 
 
-# Distinct ranks, alphas and targets per adapter: every adapter exercises a different slot layout.
+# Distinct ranks, alphas, targets and PEFT options per adapter: every adapter exercises a different slot
+# layout, and DoRA / lora_bias / rank patterns / PEFT's all-linear decode in the same batches as plain LoRA.
 ADAPTERS = {
     "llama": [
-        (4, 8, ["q_proj", "v_proj"]),
-        (8, 8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-        (2, 4, ["gate_proj", "up_proj", "down_proj"]),
-        (6, 12, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(r=8, lora_alpha=8, target_modules="all-linear", use_dora=True),
+        dict(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"], lora_bias=True),
+        dict(r=6, lora_alpha=12, target_modules="all-linear", rank_pattern={"o_proj": 2}, use_rslora=True),
     ],
     "gpt2": [
-        (4, 8, ["c_attn"]),
-        (8, 8, ["c_attn", "c_proj"]),
-        (2, 4, ["c_fc"]),
-        (6, 12, ["c_attn", "c_proj", "c_fc"]),
+        dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
+        dict(r=8, lora_alpha=8, target_modules=["c_attn", "c_proj"], use_dora=True),
+        dict(r=2, lora_alpha=4, target_modules=["c_fc"], lora_bias=True),
+        dict(r=6, lora_alpha=12, target_modules="all-linear", alpha_pattern={"c_fc": 3}),
     ],
 }
 
 
 def make_adapters(base: torch.nn.Module, arch: str, work: Path, base_info) -> list[tuple[object, object]]:
-    """Save real PEFT adapters (random A and B) and read them back the way the service does."""
+    """Save real PEFT adapters (random A, B, biases; DoRA magnitudes near their initial norms) and read them
+    back the way the service does."""
     out = []
-    for i, (r, alpha, targets) in enumerate(ADAPTERS[arch]):
+    for i, options in enumerate(ADAPTERS[arch]):
         torch.manual_seed(100 + i)
-        cfg = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=r,
-            lora_alpha=alpha,
-            target_modules=targets,
-            fan_in_fan_out=arch == "gpt2",
-        )
+        cfg = LoraConfig(task_type="CAUSAL_LM", fan_in_fan_out=arch == "gpt2", **options)
         peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
         randomize_adapter(peft_model, 0.3)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.abs_().add_(1.0)
         folder = work / f"{arch}-{i}"
         peft_model.save_pretrained(folder)
         import_peft_folder(folder, f"a{i}", "tiny", base_info, task="generation")
