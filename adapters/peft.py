@@ -308,6 +308,6 @@ def manifest_lora(config: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def head_modules(names: set[str] | list[str]) -> list[str]:
-    """Which of a model's module names PEFT's SEQ_CLS would train in full: its classifier head."""
+def seq_cls_heads(names: set[str] | list[str]) -> list[str]:
+    """Which of a model's module names PEFT's SEQ_CLS trains in full: its classifier head."""
     return [n for n in SEQ_CLS_HEADS if n in names]

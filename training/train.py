@@ -28,6 +28,7 @@ from transformers import (
 
 from adapters.bases import DEFAULT_DECODER, DEFAULT_ENCODER, load_base
 from adapters.errors import LoraswapError
+from adapters.peft import seq_cls_heads
 from training.data import (
     Splits,
     load_splits,
@@ -105,9 +106,10 @@ def _layer_index(name: str) -> int | None:
 
 
 def head_modules(model) -> list[str]:
-    """Classification head modules trained in full and shipped via modules_to_save."""
+    """Classification head modules trained in full and shipped via modules_to_save: PEFT's SEQ_CLS head,
+    plus the pooler where the model has one."""
     names = {n for n, _ in model.named_modules()}
-    return [n for n in ("classifier", "score", "bert.pooler.dense", "pooler.dense") if n in names]
+    return seq_cls_heads(names) + [n for n in ("bert.pooler.dense", "pooler.dense") if n in names]
 
 
 def apply_lora(model, recipe: Recipe):
@@ -123,7 +125,7 @@ def apply_lora(model, recipe: Recipe):
     if recipe.task == "classification":
         # PEFT adds the classifier itself for SEQ_CLS; list it anyway so the intent is explicit.
         heads = head_modules(model)
-        save = [h for h in heads if h in ("classifier", "score")]
+        save = seq_cls_heads(heads)
         if recipe.train_pooler and any("pooler" in h for h in heads):
             save.append("pooler")
     config = LoraConfig(

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters.peft import LoraModule
+from adapters.peft import LoraModule, is_target
 from service.engine.lora import MultiLoraLinear, SlotGroups, SlotState
 
 # A path component that is a number means "inside a repeated block list" (encoder.layer.3,
@@ -25,15 +25,12 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def matches_target(path: str, targets: str | Sequence[str] | None) -> bool:
-    """PEFT-style matching: a list matches a path exactly or as a suffix after '.'; a single string
-    is, like in PEFT, a regex that must match the whole path (plain names also match as suffixes)."""
+    """None: every module inside the repeated blocks (what the engines wrap, so any adapter's block LoRA fits);
+    else PEFT's own target rule (adapters/peft.py): a list entry matches a path or its '.'-suffix, a
+    string is a full-match regex."""
     if targets is None:
         return bool(_IN_BLOCK.search(path))
-    if isinstance(targets, str):
-        if re.fullmatch(targets, path):
-            return True
-        targets = [targets]
-    return any(path == t or path.endswith("." + t) for t in targets)
+    return is_target({"target_modules": targets if isinstance(targets, str) else list(targets)}, path)
 
 
 class LoraSlots:
