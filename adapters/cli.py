@@ -180,15 +180,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from adapters.format import CONFIG_FILE, PEFT_TASKS, import_peft_folder
+    from adapters.format import import_peft_folder
+    from adapters.peft import CONFIG_FILE, PEFT_TASKS, read_config
     from adapters.ref import validate_name
 
     src = Path(args.peft_dir)
     validate_name(args.name)
-    try:
-        config = json.loads((src / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise LoraswapError(f"{src / CONFIG_FILE}: cannot read the PEFT config ({exc})") from None
+    config = read_config(src)  # refuses what cannot be served before the base is loaded
     base_name = args.base or config.get("base_model_name_or_path")
     if not base_name:
         raise LoraswapError(f"{CONFIG_FILE} names no base_model_name_or_path; pass --base")
