@@ -29,7 +29,7 @@ from adapters.peft import (
     PEFT_TASKS,
     WEIGHTS_FILE,
     LoraModule,
-    check_dtype,
+    check_tensor,
     default_scale,
     lora_modules,
     manifest_lora,
@@ -66,16 +66,20 @@ def sha256_file(path: Path) -> str:
 
 def _listing(folder: Path) -> dict[str, int]:
     """Every regular file under folder (posix relative path -> size) except the manifest itself. One
-    os.walk with one stat per file: what the pickle check, the file checks and the size limit all read."""
+    os.walk with one lstat per entry: what the pickle check, the file checks and the size limit all read.
+    Symbolic links (to files or folders) are refused: an adapter folder is read, hashed and copied into
+    the registry, and nothing outside it may come along."""
     out: dict[str, int] = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
             path = os.path.join(root, name)
             try:
-                st = os.stat(path)  # follows a symlinked file, as Path.is_file does
+                st = os.lstat(path)
             except OSError:
                 continue
             rel = Path(path).relative_to(folder).as_posix()
+            if stat.S_ISLNK(st.st_mode):
+                raise AdapterValidationError(f"{rel}: symbolic links are refused in an adapter folder")
             if stat.S_ISREG(st.st_mode) and rel not in (MANIFEST_FILE, f".{MANIFEST_FILE}.tmp"):
                 out[rel] = st.st_size
     return out
@@ -177,7 +181,7 @@ def _check_head(manifest: Manifest, head: dict[str, Tensor], base: BaseModelInfo
     if not head:
         raise AdapterValidationError("classification adapter has no head weights (modules_to_save)")
     for key, tensor in head.items():
-        check_dtype(key, tensor)
+        check_tensor(key, tensor)
         module = key.rsplit(".", 1)[0]
         if base is not None and key.endswith(".weight") and module in base.modules and tensor.dim() == 2:
             if tensor.shape[1] != base.modules[module][0]:

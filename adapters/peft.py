@@ -238,9 +238,12 @@ def split_tensors(
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_dtype(name: str, tensor: Tensor) -> None:
+def check_tensor(name: str, tensor: Tensor) -> None:
+    """A float dtype we serve, and finite values: a NaN or Inf would answer `null` scores or garbage text."""
     if tensor.dtype not in FLOAT_DTYPES:
         raise AdapterValidationError(f"{name}: dtype {tensor.dtype} is not supported (float32/float16/bfloat16)")
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterValidationError(f"{name}: has NaN or infinite values")
 
 
 def lora_modules(
@@ -265,7 +268,7 @@ def lora_modules(
         if ("bias" in found) != with_bias:
             raise AdapterValidationError(f"{path}: lora_B.bias {'missing' if with_bias else 'present'} but lora_bias={with_bias}")
         for part, t in found.items():
-            check_dtype(f"{path}.{part}", t)
+            check_tensor(f"{path}.{part}", t)
         a, b = found["A"], found["B"]
         for which, t in (("lora_A", a), ("lora_B", b)):
             if t.dim() != 2:

@@ -251,3 +251,43 @@ def test_labels_must_match_head_rows(adapter_dir, base_info):
 def test_import_bad_name(peft_dir, base_info):
     with pytest.raises(AdapterValidationError, match="invalid adapter name"):
         import_peft_folder(peft_dir, "../Evil", "b", base_info)
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_symlinks_are_refused_at_import_and_validation(tmp_path, peft_dir, base_info, kind):
+    """Nothing outside an adapter folder is read or copied: a linked file or folder is refused by name."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "host.txt").write_text("secret")
+    link = peft_dir / ("README.md" if kind == "file" else "extra")
+    link.unlink(missing_ok=True)
+    link.symlink_to(outside / "host.txt" if kind == "file" else outside)
+    with pytest.raises(AdapterValidationError, match=f"{link.name}: symbolic links are refused"):
+        import_peft_folder(peft_dir, "x", "b", base_info)
+    assert not (peft_dir / "loraswap.json").exists()
+
+
+def test_symlink_added_after_import_is_refused(tmp_path, adapter_dir, base_info):
+    (tmp_path / "host.txt").write_text("secret")
+    (adapter_dir / "notes.txt").symlink_to(tmp_path / "host.txt")
+    with pytest.raises(AdapterValidationError, match="notes.txt: symbolic links are refused"):
+        read_adapter(adapter_dir, base_info)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("bert.encoder.layer.0.attention.self.query.lora_B.weight", float("nan")),
+        ("bert.encoder.layer.1.attention.self.value.lora_A.weight", float("inf")),
+        ("classifier.weight", float("-inf")),
+    ],
+)
+def test_non_finite_weights_are_refused(peft_dir, base_info, key, value):
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(peft_dir / WEIGHTS))
+    tensors[f"base_model.model.{key}"][0, 0] = value
+    save_file(tensors, str(peft_dir / WEIGHTS))
+    with pytest.raises(AdapterValidationError, match="has NaN or infinite values"):
+        import_peft_folder(peft_dir, "x", "b", base_info)
+    assert not (peft_dir / "loraswap.json").exists()
