@@ -84,6 +84,7 @@ def _adapters(work: Path, count: int):
 def _read_parts(folder: Path, info) -> dict[str, float]:
     """Where read_adapter's time goes (its steps, timed one by one)."""
     from adapters import format as f
+    from adapters import peft as p
     from adapters.manifest import Manifest
 
     t = {}
@@ -93,14 +94,14 @@ def _read_parts(folder: Path, info) -> dict[str, float]:
     t["manifest"] = time.perf_counter() - s
     s = time.perf_counter()
     f._check_files(folder, manifest, 512 * 2**20)
-    config = f._read_config(folder)
+    config = p.read_config(folder)
     t["file_checks"] = time.perf_counter() - s  # listing, sizes, sha256 of every file but the weights
     s = time.perf_counter()
     tensors = f._load_tensors(folder, manifest.files[f.WEIGHTS_FILE])
     t["weights_read_hash_load"] = time.perf_counter() - s
     s = time.perf_counter()
-    lora, head = f.split_tensors(tensors, config, info)
-    f._check_lora(lora, config, info, 64, 2.0)
+    lora, head = p.split_tensors(tensors, config, info.modules)
+    p.lora_modules(lora, config, info.modules, 64)
     f._check_head(manifest, head, info)
     t["shape_checks"] = time.perf_counter() - s
     return t

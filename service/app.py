@@ -13,7 +13,7 @@ import anyio
 from fastapi import Depends, FastAPI
 
 from service.api import adapters, classify, health, openai
-from service.api.errors import COMMON_ERRORS, error_responses, install_error_handlers
+from service.api.errors import COMMON_ERRORS, error_response, error_responses, install_error_handlers
 from service.auth import KeyStore, authenticate, require_infer
 from service.config import Settings, load_settings
 from service.context import ServiceContext
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
     # Innermost first: admission (body size, drain, timeout, disconnect) sees only real API requests.
     app.add_middleware(AdmissionMiddleware, ctx=ctx)
     app.add_middleware(RequestMetrics, ctx=ctx)
-    app.add_middleware(FormAsJson)
+    app.add_middleware(JsonOnly)
     _install_optional(app)
     # /health, /ready, /metrics are open; everything else needs a key when auth is on (routers add scopes).
     app.include_router(health.router, responses=error_responses(503))
@@ -80,21 +80,23 @@ async def _warm_routes(app: FastAPI) -> None:
     await app.router(scope, receive, send)
 
 
-class FormAsJson:
-    """`curl -d '{...}'` sends application/x-www-form-urlencoded; we have no form endpoints, so a
-    body sent that way is read as the JSON it is instead of failing validation."""
+class JsonOnly:
+    """POSTs must say `Content-Type: application/json` (or a `+json` type), else 415. A web page can make a
+    browser POST a form or text/plain to any address without asking (no CORS preflight for those types),
+    so accepting them would let any page a developer visits load adapters or move aliases on a server
+    bound to 127.0.0.1 with auth off. No CORS headers are sent: browsers keep other origins' JSON POSTs out."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = [
-                (k, b"application/json") if k == b"content-type" and v.startswith(b"application/x-www-form-urlencoded")
-                else (k, v)
-                for k, v in scope["headers"]
-            ]
-            scope = {**scope, "headers": headers}
+        if scope["type"] == "http" and scope["method"] == "POST":
+            ctype = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json" and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
+                sent = ctype.decode("latin-1")[:100] or "none"
+                response = error_response(415, f"send the body as JSON with Content-Type: application/json"
+                                               f" (got {sent}); e.g. curl --json '{{...}}'", code="unsupported_media_type")
+                return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 

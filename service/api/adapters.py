@@ -11,12 +11,13 @@ from pydantic import BaseModel, Field, model_validator
 from adapters.errors import AdapterNotFoundError
 from service import auth
 from service.api.errors import APIError
+from service.api.inputs import Ref
 
 router = APIRouter(tags=["adapters"])
 
 
 class LoadRequest(BaseModel):
-    adapter: str | None = Field(None, description="registry ref: `name`, `name@version` or `name@alias`")
+    adapter: Ref | None = Field(None, description="registry ref: `name`, `name@version` or `name@alias`")
     path: str | None = Field(None, description="a local adapter version folder (with loraswap.json)")
 
     @model_validator(mode="after")
@@ -27,17 +28,17 @@ class LoadRequest(BaseModel):
 
 
 class AliasRequest(BaseModel):
-    alias: str = Field(..., examples=["stable"])
+    alias: Ref = Field(..., examples=["stable"])
     version: int = Field(..., ge=1)
 
 
 class VllmLoadRequest(BaseModel):
-    lora_name: str
+    lora_name: Ref
     lora_path: str | None = None
 
 
 class VllmUnloadRequest(BaseModel):
-    lora_name: str
+    lora_name: Ref
 
 
 def _registry_view(ctx, name: str) -> dict:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from adapters.errors import LoraswapError
 from service import auth
 from service.api.errors import APIError
+from service.api.inputs import Ref, check_text
 from service.engine.batcher import QueueFullError
 
 router = APIRouter(tags=["classify"])
@@ -20,7 +21,7 @@ log = logging.getLogger("loraswap.classify")
 
 
 class ClassifyRequest(BaseModel):
-    adapter: str = Field(..., description="adapter `name`, `name@version`, `name@alias`, or the base model id",
+    adapter: Ref = Field(..., description="adapter `name`, `name@version`, `name@alias`, or the base model id",
                          examples=["sentiment"])
     inputs: str | list[str] = Field(..., description="one text or a list of texts")
     top_k: int = Field(1, ge=1, description="how many labels to return in `top` (all are in `scores`)")
@@ -59,6 +60,7 @@ def _check_limits(texts: list[str], settings) -> None:
         if len(text) > settings.max_input_chars:
             raise APIError(413, f"inputs[{i}] has {len(text)} characters > {settings.max_input_chars}",
                            param="inputs")
+        check_text(text, f"inputs[{i}]")
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse)

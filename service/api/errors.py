@@ -24,6 +24,7 @@ _TYPES = {
     404: "not_found_error",
     409: "conflict_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -51,6 +52,7 @@ _WHEN = {
     404: "Unknown adapter or route",
     409: "Task mismatch or conflicting version",
     413: "Body, inputs or characters over the limits",
+    415: "The body was not sent as application/json",
     422: "The body does not match the schema, or a refused adapter",
     429: "Overloaded (queue full or too many concurrent requests for the key); see Retry-After",
     500: "Internal error (logged with the request id; no internals in the answer)",
@@ -65,7 +67,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 
 
 # What every API route may answer besides its success (auth, limits, overload, drain, timeouts).
-COMMON_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 429, 500, 503, 504)
+COMMON_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 500, 503, 504)
 
 
 class APIError(Exception):

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from adapters.errors import LoraswapError
 from service import auth
 from service.api.errors import APIError, ErrorBody
+from service.api.inputs import SEED_MAX, SEED_MIN, TOP_K_MAX, Ref, Short, check_text
 from service.engine.generator import Delta, EngineOverloadedError
 from service.engine.sampling import SamplingParams
 
@@ -34,7 +35,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """The sampling options both endpoints share (OpenAI names; `top_k` is vLLM's extension)."""
 
-    model: str = Field(..., description="adapter `name`, `name@version`, `name@alias`, or the base model id")
+    model: Ref = Field(..., description="adapter `name`, `name@version`, `name@alias`, or the base model id")
     max_tokens: int | None = Field(
         None,
         ge=1,
@@ -42,15 +43,15 @@ class SamplingFields(BaseModel):
     )
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1, description="-1 or 0: off")
+    top_k: int = Field(-1, ge=-1, le=TOP_K_MAX, description="-1 or 0: off")
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: str | list[str] | None = Field(
-        None, description="up to 4 strings; the text ends before the first one"
+    stop: Short | list[Short] | None = Field(
+        None, max_length=4, description="up to 4 strings; the text ends before the first one"
     )
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Short | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -182,6 +183,7 @@ def _prompt_ids(body: CompletionRequest, tokenizer, vocab: int) -> list[int]:
             raise APIError(400, "only one prompt per request is supported", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
+        check_text(prompt, "prompt")
         ids = tokenizer(prompt)["input_ids"]
     else:
         ids = list(prompt)
@@ -201,7 +203,8 @@ def _chat_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
         if isinstance(content, list):  # content parts: only text is supported
             if any(p.get("type") != "text" for p in content):
                 raise APIError(400, "only text content parts are supported", param="messages")
-            content = "".join(p.get("text", "") for p in content)
+            content = "".join(str(p.get("text", "")) for p in content)
+        check_text(content or "", "messages")
         messages.append({"role": m.role, "content": content or ""})
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template already holds the special tokens (BOS etc.): do not add them twice.

@@ -62,11 +62,33 @@ def test_single_string_input_and_base_model(client, world):
     assert resp.status_code == 200 and resp.json()["version"] is None
 
 
-def test_form_encoded_json_body_is_accepted(client):
-    # `curl -d '{...}'` without -H sends form encoding; the README's examples rely on this.
-    resp = client.post("/v1/classify", content='{"adapter":"sentiment","inputs":["great movie"]}',
-                       headers={"content-type": "application/x-www-form-urlencoded"})
-    assert resp.status_code == 200, resp.text
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data; b=x",
+                                   None])
+def test_only_json_bodies_are_accepted(client, ctype):
+    """A page in a browser can POST forms and text/plain anywhere without a preflight: such POSTs are 415
+    and change nothing, so no page can load adapters or move aliases on a local server with auth off."""
+    body = '{"adapter":"sentiment"}'
+    before = client.get("/v1/adapters").json()
+    headers = {"origin": "http://evil.example"} | ({"content-type": ctype} if ctype else {})
+    resp = client.post("/v1/adapters", content=body, headers=headers)
+    assert _error(resp, 415)["code"] == "unsupported_media_type"
+    assert "access-control-allow-origin" not in resp.headers
+    assert client.get("/v1/adapters").json() == before
+    classify = '{"adapter":"sentiment","inputs":["great movie"]}'
+    for ok in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json"):
+        assert client.post("/v1/classify", content=classify, headers={"content-type": ok}).status_code == 200
+
+
+def test_refs_and_texts_are_bounded_before_use(client):
+    """A ref is bounded (length, no whitespace/control characters) at the schema: 422 that does not echo it;
+    a text that is not valid Unicode (a lone surrogate) is a 400 naming the input, never a 5xx."""
+    huge = "sentiment@" + "x" * 100_000
+    resp = client.post("/v1/classify", json={"adapter": huge, "inputs": "x"})
+    assert _error(resp, 422)["param"] == "adapter" and len(resp.text) < 2_000
+    _error(client.post("/v1/classify", json={"adapter": "senti ment", "inputs": "x"}), 422)
+    lone = '{"adapter": "sentiment", "inputs": ["ok", "a\\ud800b"]}'  # JSON may escape a lone surrogate
+    err = _error(client.post("/v1/classify", content=lone, headers={"content-type": "application/json"}), 400)
+    assert err["param"] == "inputs[1]" and "lone surrogate" in err["message"]
 
 
 def test_errors_have_openai_shape(client):
