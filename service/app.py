@@ -102,7 +102,9 @@ class JsonOnly:
 
 class RequestMetrics:
     """Counts every request that named an adapter (handlers put it in `request.state.log_fields`),
-    whatever its outcome, so 4xx/5xx answers are in `loraswap_requests_total` too."""
+    whatever its outcome, so 4xx/5xx answers are in `loraswap_requests_total` too. The `adapter` label is
+    the name the ref resolved to (`resolved_adapter`, set once the key was allowed and the ref found);
+    unknown or refused refs all count under `_other_`, so no client can mint label values."""
 
     def __init__(self, app, ctx: ServiceContext):
         self.app, self.ctx = app, ctx
@@ -122,7 +124,7 @@ class RequestMetrics:
         finally:
             fields = scope.get("state", {}).get("log_fields") or {}
             if fields.get("adapter") and fields.get("task") and self.ctx.metrics is not None:
-                self.ctx.metrics.observe_request(fields["adapter"], fields["task"], status[0],
+                self.ctx.metrics.observe_request(fields.get("resolved_adapter"), fields["task"], status[0],
                                                  time.perf_counter() - started)
 
 

@@ -75,6 +75,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
                                 "adapter": body.adapter, "task": "classification"}
     started = time.perf_counter()
     async with ctx.managers["classification"].lease(body.adapter) as lease:
+        request.state.log_fields["resolved_adapter"] = lease.name or body.adapter
         try:
             logits = await ctx.batcher.submit(texts, lease.slot)
         except QueueFullError as exc:

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -176,7 +178,22 @@ def _params(
     )
 
 
-def _prompt_ids(body: CompletionRequest, tokenizer, vocab: int) -> list[int]:
+@functools.cache
+def _max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for (the longest vocabulary entry: byte-level, SentencePiece
+    and WordPiece entries are at least as long as the text they decode to)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def _check_length(text: str, tokenizer, context: int, param: str) -> None:
+    """Refuse, without tokenizing, a text that must have more tokens than the context holds: tokenizing
+    hundreds of KB takes seconds and holds the GIL while its ids become Python ints."""
+    if len(text) > context * _max_token_chars(tokenizer):
+        raise APIError(400, f"the {param} has {len(text)} characters, more than this model's context of"
+                            f" {context} tokens can hold", param=param, code="context_length_exceeded")
+
+
+def _prompt_ids(body: CompletionRequest, tokenizer, vocab: int, context: int) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -184,6 +201,7 @@ def _prompt_ids(body: CompletionRequest, tokenizer, vocab: int) -> list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         check_text(prompt, "prompt")
+        _check_length(prompt, tokenizer, context, "prompt")
         ids = tokenizer(prompt)["input_ids"]
     else:
         ids = list(prompt)
@@ -194,7 +212,7 @@ def _prompt_ids(body: CompletionRequest, tokenizer, vocab: int) -> list[int]:
     return ids
 
 
-def _chat_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
+def _chat_ids(body: ChatCompletionRequest, tokenizer, context: int) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "the base model has no chat template; use /v1/completions", param="messages")
     messages = []
@@ -207,6 +225,7 @@ def _chat_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
         check_text(content or "", "messages")
         messages.append({"role": m.role, "content": content or ""})
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    _check_length(text, tokenizer, context, "messages")
     # The template already holds the special tokens (BOS etc.): do not add them twice.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -215,8 +234,11 @@ class _Run:
     """One request on the engine under an adapter lease: started eagerly so that errors that happen before
     the first token (unknown model, context, overload) are HTTP errors, not a broken stream."""
 
-    def __init__(self, ctx, engine, model: str) -> None:
+    def __init__(self, ctx, engine, model: str, request: Request) -> None:
         self.ctx, self.engine, self.model = ctx, engine, model
+        # What the access log and loraswap_requests_total see (service/app.py RequestMetrics).
+        self.log_fields = request.state.log_fields = {
+            **(getattr(request.state, "log_fields", None) or {}), "adapter": model, "task": "generation"}
         self.stack = contextlib.AsyncExitStack()
         self.first: Delta | None = None
         self.adapter = model
@@ -225,7 +247,7 @@ class _Run:
     async def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         try:
             lease = await self.stack.enter_async_context(self.ctx.managers["generation"].lease(self.model))
-            self.adapter = lease.name or self.model
+            self.adapter = self.log_fields["resolved_adapter"] = lease.name or self.model
             self.deltas = await self.stack.enter_async_context(
                 contextlib.aclosing(self.engine.generate(prompt_ids, params, lease.slot))
             )
@@ -351,11 +373,13 @@ def _streamed(chunk: type[BaseModel]) -> dict:
 async def completions(body: CompletionRequest, request: Request):
     auth.check_adapter(request, body.model, param="model")
     ctx, engine = _engine(request)
-    prompt_ids = _prompt_ids(body, engine.tokenizer, engine.model.config.vocab_size)
+    # Tokenizing a long prompt takes long: never on the event loop, where it would stall every request.
+    prompt_ids = await asyncio.to_thread(_prompt_ids, body, engine.tokenizer, engine.model.config.vocab_size,
+                                         engine.max_model_len)
     params = _params(
         body, 16 if body.max_tokens is None else body.max_tokens, len(prompt_ids), engine, ctx.settings
     )
-    run = _Run(ctx, engine, body.model)
+    run = _Run(ctx, engine, body.model, request)
     await run.start(prompt_ids, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -393,10 +417,10 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     auth.check_adapter(request, body.model, param="model")
     ctx, engine = _engine(request)
-    prompt_ids = _chat_ids(body, engine.tokenizer)
+    prompt_ids = await asyncio.to_thread(_chat_ids, body, engine.tokenizer, engine.max_model_len)  # as above
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _params(body, max_tokens, len(prompt_ids), engine, ctx.settings)
-    run = _Run(ctx, engine, body.model)
+    run = _Run(ctx, engine, body.model, request)
     await run.start(prompt_ids, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -225,3 +225,40 @@ def test_client_disconnect_frees_the_sequence(server, world) -> None:
         time.sleep(0.01)
     assert engine.running == 0 and engine.kv_cache_usage == 0.0
     assert engine.steps - steps < 20  # 39 tokens were still to come: the disconnect stopped it early
+
+
+def test_generation_requests_are_counted_and_unknown_refs_mint_no_labels(server, client):
+    """Scraped from the live server after real traffic: generation requests are in requests_total under the
+    adapter they resolved to; refs that resolve to nothing all count under `_other_` and take no label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model="alpha", prompt="hi", max_tokens=2, temperature=0)
+    for i in range(3):
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=f"alpha@junk{i}", prompt="hi", max_tokens=2)
+    samples = [s for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)
+               if f.name == "loraswap_requests" for s in f.samples if s.name == "loraswap_requests_total"]
+    counts = {(s.labels["adapter"], s.labels["task"], s.labels["status"]): s.value for s in samples}
+    assert counts[("alpha", "generation", "200")] >= 1
+    assert counts[("_other_", "generation", "404")] >= 3
+    assert not any("junk" in adapter for adapter, _, _ in counts)
+
+
+def test_long_chat_prompts_do_not_stall_the_event_loop(server):
+    """Eight 750 KB chat messages at once (refused after tokenizing: far over the context) while /health is
+    polled: tokenization runs off the event loop, so /health keeps answering within 100 ms."""
+    import concurrent.futures
+
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "word " * 150_000}], "max_tokens": 1}
+    latencies: list[float] = []
+    with httpx.Client(base_url=server, timeout=120) as probe, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(httpx.post, f"{server}/v1/chat/completions", json=body, timeout=120)
+                   for _ in range(8)]  # fmt: skip
+        while not all(f.done() for f in futures):
+            started = time.perf_counter()
+            assert probe.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.02)
+        statuses = [f.result().status_code for f in futures]
+    assert statuses == [400] * 8 and len(latencies) >= 5
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]
