@@ -32,6 +32,12 @@ log = logging.getLogger("loraswap.limits")
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
+def tenant_of(request) -> str | None:
+    """The unit of fair sharing and per-key limits: the caller's API key id (None when auth is off)."""
+    key = getattr(request.state, "api_key", None)
+    return None if key is None else key.id
+
+
 class KeyConcurrency:
     def __init__(self, limit: int):
         self.limit = limit

@@ -15,6 +15,7 @@ from service import auth
 from service.api.errors import APIError
 from service.api.inputs import Ref, check_text
 from service.engine.batcher import QueueFullError
+from service.limits import tenant_of
 
 router = APIRouter(tags=["classify"])
 log = logging.getLogger("loraswap.classify")
@@ -77,7 +78,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     async with ctx.managers["classification"].lease(body.adapter) as lease:
         request.state.log_fields["resolved_adapter"] = lease.name or body.adapter
         try:
-            logits = await ctx.batcher.submit(texts, lease.slot)
+            logits = await ctx.batcher.submit(texts, lease.slot, tenant_of(request))
         except QueueFullError as exc:
             raise APIError(429, f"overloaded: {exc}", headers={"Retry-After": "1"}) from exc
         except (LoraswapError, asyncio.CancelledError):

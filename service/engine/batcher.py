@@ -1,5 +1,7 @@
 """ClassifyBatcher: asyncio dynamic batching of classify requests into ClassifierEngine batches.
 Rows of many requests (any adapters) are bucketed by length; the model runs in one worker thread.
+Tenants (API keys) share the model by deficit round robin over tokens, so one key's huge requests
+cannot hold another key's small ones behind them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class _Request:
     rows: list[list[int]]  # token ids per text
     slot: int
     future: asyncio.Future
+    tenant: str | None = None  # the API key's id: the unit of fair sharing (None: auth off)
     submitted: float = field(default_factory=time.perf_counter)
     results: list[Tensor | None] = field(default_factory=list)
     next_row: int = 0  # rows before this one are already in a batch
@@ -38,6 +41,11 @@ class _Request:
     @property
     def started(self) -> bool:
         return self.next_row > 0
+
+    @property
+    def outstanding_tokens(self) -> int:
+        """Tokens of rows whose logits are not back yet (queued or in a running batch)."""
+        return sum(len(row) for row, out in zip(self.rows, self.results, strict=True) if out is None)
 
 
 class ClassifyBatcher:
@@ -55,11 +63,15 @@ class ClassifyBatcher:
         max_wait_ms: float = 2,
         max_queue: int = 1024,
         on_batch: BatchCallback | None = None,
+        max_tenant_tokens: int = 1 << 18,
     ) -> None:
         self.engine = engine
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
+        self.max_tenant_tokens = max_tenant_tokens  # queued tokens per tenant before 429
+        self._deficit: dict[str | None, int] = {}  # deficit round robin: tokens each tenant may still send
+        self._turn: deque[str | None] = deque()  # tenants in round-robin order; the next one first
         self.on_batch = on_batch
         self._pending: deque[_Request] = deque()  # requests with rows not yet in a batch, FIFO
         self._running: set[_Request] = set()
@@ -103,8 +115,9 @@ class ClassifyBatcher:
         self._model_thread.shutdown(wait=True)
         self._token_thread.shutdown(wait=True)
 
-    async def submit(self, texts: str | Sequence[str], slot: int) -> list[Tensor]:
-        """Logits for each text through `slot` (trimmed to its label count). Raises QueueFullError."""
+    async def submit(self, texts: str | Sequence[str], slot: int, tenant: str | None = None) -> list[Tensor]:
+        """Logits for each text through `slot` (trimmed to its label count). Raises QueueFullError, also
+        when `tenant` already has `max_tenant_tokens` tokens queued."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
@@ -117,7 +130,12 @@ class ClassifyBatcher:
             rows = await loop.run_in_executor(self._token_thread, self.engine.tokenize, texts)
         finally:
             self._tokenizing -= 1
-        request = _Request(rows=rows, slot=slot, future=loop.create_future(), results=[None] * len(rows))
+        request = _Request(rows=rows, slot=slot, future=loop.create_future(), results=[None] * len(rows),
+                           tenant=tenant)
+        queued = sum(r.outstanding_tokens for r in {*self._pending, *self._running} if r.tenant == tenant)
+        if queued and queued + request.outstanding_tokens > self.max_tenant_tokens:
+            raise QueueFullError(f"this key already has {queued} tokens queued for classification"
+                                 f" (limit {self.max_tenant_tokens}); retry when they are done")
         # Sparse traffic (the previous request came more than max_wait ago): waiting would most likely only
         # add latency, so the request runs at once. Bursts (arrivals closer than max_wait) still wait and
         # share batches, and requests that arrive while a batch runs are batched together anyway.
@@ -163,23 +181,57 @@ class ClassifyBatcher:
     def _waiting_rows(self) -> int:
         return sum(len(r.rows) - r.next_row for r in self._pending)
 
-    def _next_batches(self) -> list[list[tuple[_Request, int]]]:
-        """Take a FIFO window of up to 4 batches of rows, sort it by length (so padding is small) and cut
-        it into batches within the row and padded-token limits. Rows beyond the window wait, so an
-        oversized request is split across batches and the oldest rows always go first."""
+    def _take_window(self) -> list[tuple[_Request, int]]:
+        """The rows of the next window. One tenant waiting: FIFO, up to 4 batches' worth of rows. Several:
+        deficit round robin over tokens (each turn a tenant may send up to max_batch_tokens more, oldest
+        request first) into one batch's worth, so the loop chooses again after every batch and a newcomer's
+        rows are at most one batch away."""
+        for request in [r for r in self._pending if r.future.done()]:  # cancelled or failed earlier
+            self._pending.remove(request)
+        queues: dict[str | None, deque[_Request]] = {}
+        for request in self._pending:
+            queues.setdefault(request.tenant, deque()).append(request)
+        for tenant in list(self._deficit):
+            if tenant not in queues:
+                del self._deficit[tenant]  # DRR: an idle tenant keeps no credit
+        self._turn = deque([t for t in self._turn if t in queues] + [t for t in queues if t not in self._turn])
+        several = len(queues) > 1
+        limit, budget = (self.max_batch_size, self.max_batch_tokens) if several else (4 * self.max_batch_size, None)
+        quantum = self.max_batch_tokens // len(queues) if several else 1 << 62
         window: list[tuple[_Request, int]] = []
-        limit = 4 * self.max_batch_size
-        while self._pending and len(window) < limit:
-            request = self._pending[0]
-            if request.future.done():  # cancelled or failed in an earlier batch
-                self._pending.popleft()
-                continue
-            take = min(len(request.rows) - request.next_row, limit - len(window))
-            window += [(request, i) for i in range(request.next_row, request.next_row + take)]
-            request.next_row += take
-            self._running.add(request)
-            if request.next_row == len(request.rows):
-                self._pending.popleft()
+        while queues and len(window) < limit and (budget is None or budget > 0):
+            for tenant in list(self._turn):
+                if tenant not in queues:
+                    continue
+                self._turn.rotate(-1)  # whoever is served now goes to the back of the line
+                queue = queues[tenant]
+                credit = self._deficit.get(tenant, 0) + quantum
+                while queue and len(window) < limit:
+                    request = queue[0]
+                    cost = len(request.rows[request.next_row])
+                    if cost > credit:
+                        break
+                    credit -= cost
+                    if budget is not None:
+                        budget -= cost
+                    window.append((request, request.next_row))
+                    request.next_row += 1
+                    self._running.add(request)
+                    if request.next_row == len(request.rows):
+                        queue.popleft()
+                        self._pending.remove(request)
+                self._deficit[tenant] = credit if queue and several else 0
+                if not queue:
+                    del queues[tenant]
+                if len(window) >= limit or (budget is not None and budget <= 0):
+                    break
+        return window
+
+    def _next_batches(self) -> list[list[tuple[_Request, int]]]:
+        """Take a window of rows (`_take_window`), sort it by length (so padding is small) and cut it into
+        batches within the row and padded-token limits. Rows beyond the window wait, so an oversized
+        request is split across batches and the oldest rows always go first."""
+        window = self._take_window()
         window.sort(key=lambda item: len(item[0].rows[item[1]]))
         batches, current, width = [], [], 0
         for item in window:

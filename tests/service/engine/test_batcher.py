@@ -195,3 +195,36 @@ async def test_sparse_request_does_not_wait_but_bursts_still_batch() -> None:
     await batcher.stop()
     assert [out[0].tolist()[2] for out in results] == list(range(12))
     assert len(engine.batches) <= 3  # the lone request, then the burst in one or two batches
+
+
+async def test_tenants_share_by_tokens_not_by_arrival() -> None:
+    """One tenant's three big requests (120 rows each) are queued first; another tenant's one-row request
+    arriving after them runs within the next two batches, not after 360 rows (FIFO would take 45 batches)."""
+    engine = FakeEngine(delay=0.01)
+    batcher = ClassifyBatcher(engine, max_batch_size=8, max_batch_tokens=80, max_wait_ms=1)
+    await batcher.start()
+    big = [asyncio.create_task(batcher.submit([_text(1000 + i, 9)] * 120, slot=1, tenant="a")) for i in range(3)]
+    await asyncio.sleep(0.03)  # the big ones are running
+    seen = len(engine.batches)
+    small = await batcher.submit([_text(5, 1)], slot=2, tenant="b")
+    ran = next(i for i, (rows, _) in enumerate(engine.batches) if [5] in rows)
+    assert small[0].tolist() == [2.0, 1.0, 5.0] and ran - seen <= 2, (seen, ran)
+    out = await asyncio.gather(*big)
+    await batcher.stop()
+    assert all(len(rows) == 120 and all(r[2] == 1000 + i for r in rows) for i, rows in enumerate(out))
+    for rows, _ in engine.batches:  # every batch stays within the limits, also when tenants mix
+        assert len(rows) <= 8 and max(map(len, rows)) * len(rows) <= 80
+
+
+async def test_a_tenant_s_outstanding_tokens_are_bounded() -> None:
+    engine = FakeEngine(delay=0.2)
+    batcher = ClassifyBatcher(engine, max_batch_size=4, max_wait_ms=0, max_tenant_tokens=100)
+    await batcher.start()
+    first = asyncio.create_task(batcher.submit([_text(1, 10)] * 8, slot=1, tenant="a"))  # 80 tokens
+    await asyncio.sleep(0.05)  # 4 of its rows run, 4 wait: all 80 tokens are still outstanding
+    with pytest.raises(QueueFullError, match="tokens queued"):
+        await batcher.submit([_text(2, 10)] * 3, slot=1, tenant="a")  # 110 > 100
+    other = await batcher.submit([_text(3, 10)] * 3, slot=1, tenant="b")  # another key is not affected
+    assert len(other) == 3 and len(await first) == 8
+    assert len(await batcher.submit([_text(2, 10)] * 3, slot=1, tenant="a")) == 3  # room again
+    await batcher.stop()
