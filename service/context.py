@@ -46,7 +46,9 @@ class ServiceContext:
             self.classifier = classifier
             self.batcher = ClassifyBatcher(classifier, max_batch_size=s.max_batch_size,
                                            max_batch_tokens=s.max_batch_tokens, max_wait_ms=s.max_wait_ms,
-                                           max_queue=s.max_queue, on_batch=self._on_classify_batch)
+                                           max_queue=s.max_queue, on_batch=self._on_classify_batch,
+                                           max_tenant_tokens=s.max_tenant_tokens,
+                                           shared_batch_tokens=s.shared_batch_tokens)
             await self.batcher.start()
             labels = _base_labels(classifier)
             self.managers["classification"] = self._manager(classifier, labels)

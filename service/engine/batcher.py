@@ -64,12 +64,16 @@ class ClassifyBatcher:
         max_queue: int = 1024,
         on_batch: BatchCallback | None = None,
         max_tenant_tokens: int = 1 << 18,
+        shared_batch_tokens: int = 512,
     ) -> None:
         self.engine = engine
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.max_tenant_tokens = max_tenant_tokens  # queued tokens per tenant before 429
+        # Padded tokens of a batch while several tenants wait: a batch cannot be interrupted, so its length
+        # is what a newcomer may wait (benchmarks/fairness.py measures it).
+        self.shared_batch_tokens = min(shared_batch_tokens, max_batch_tokens)
         self._deficit: dict[str | None, int] = {}  # deficit round robin: tokens each tenant may still send
         self._turn: deque[str | None] = deque()  # tenants in round-robin order; the next one first
         self.on_batch = on_batch
@@ -181,11 +185,12 @@ class ClassifyBatcher:
     def _waiting_rows(self) -> int:
         return sum(len(r.rows) - r.next_row for r in self._pending)
 
-    def _take_window(self) -> list[tuple[_Request, int]]:
-        """The rows of the next window. One tenant waiting: FIFO, up to 4 batches' worth of rows. Several:
-        deficit round robin over tokens (each turn a tenant may send up to max_batch_tokens more, oldest
-        request first) into one batch's worth, so the loop chooses again after every batch and a newcomer's
-        rows are at most one batch away."""
+    def _take_window(self) -> tuple[list[tuple[_Request, int]], int]:
+        """The rows of the next window and the padded-token limit of its batches. Without tenants (auth
+        off): FIFO, up to 4 batches' worth of rows. With tenants: deficit round robin over tokens (each turn a
+        tenant may send its share of shared_batch_tokens more, oldest request first) into one short batch,
+        so the loop chooses again after every batch and a tenant arriving at any moment waits at most for
+        one short batch: a batch cannot be interrupted, so a lone tenant's bulk work is cut short too."""
         for request in [r for r in self._pending if r.future.done()]:  # cancelled or failed earlier
             self._pending.remove(request)
         queues: dict[str | None, deque[_Request]] = {}
@@ -195,11 +200,12 @@ class ClassifyBatcher:
             if tenant not in queues:
                 del self._deficit[tenant]  # DRR: an idle tenant keeps no credit
         self._turn = deque([t for t in self._turn if t in queues] + [t for t in queues if t not in self._turn])
-        several = len(queues) > 1
-        limit, budget = (self.max_batch_size, self.max_batch_tokens) if several else (4 * self.max_batch_size, None)
-        quantum = self.max_batch_tokens // len(queues) if several else 1 << 62
+        several = len(queues) > 1 or None not in queues
+        limit, budget = (self.max_batch_size, self.shared_batch_tokens) if several else (4 * self.max_batch_size, None)
+        quantum = self.shared_batch_tokens // len(queues) if several else 1 << 62
         window: list[tuple[_Request, int]] = []
         while queues and len(window) < limit and (budget is None or budget > 0):
+            before = len(window)
             for tenant in list(self._turn):
                 if tenant not in queues:
                     continue
@@ -209,7 +215,7 @@ class ClassifyBatcher:
                 while queue and len(window) < limit:
                     request = queue[0]
                     cost = len(request.rows[request.next_row])
-                    if cost > credit:
+                    if cost > credit or (budget is not None and window and cost > budget):
                         break
                     credit -= cost
                     if budget is not None:
@@ -225,20 +231,26 @@ class ClassifyBatcher:
                     del queues[tenant]
                 if len(window) >= limit or (budget is not None and budget <= 0):
                     break
-        return window
+            if window and len(window) == before:  # the next rows do not fit in what is left of the batch
+                break
+        return window, several
 
     def _next_batches(self) -> list[list[tuple[_Request, int]]]:
         """Take a window of rows (`_take_window`), sort it by length (so padding is small) and cut it into
         batches within the row and padded-token limits. Rows beyond the window wait, so an oversized
         request is split across batches and the oldest rows always go first."""
-        window = self._take_window()
+        window, shared = self._take_window()
         window.sort(key=lambda item: len(item[0].rows[item[1]]))
+        max_tokens = self.shared_batch_tokens if shared else self.max_batch_tokens
         batches, current, width = [], [], 0
         for item in window:
             length = len(item[0].rows[item[1]])
             new_width = max(width, length)
+            # Shared between tenants, a batch also keeps to rows within 2x of its shortest: a one-word
+            # request then runs with rows like it, not padded to and timed by another key's long texts.
+            spread = shared and length > 2 * len(current[0][0].rows[current[0][1]]) if current else False
             if current and (
-                len(current) >= self.max_batch_size or new_width * (len(current) + 1) > self.max_batch_tokens
+                spread or len(current) >= self.max_batch_size or new_width * (len(current) + 1) > max_tokens
             ):
                 batches.append(current)
                 current, new_width = [], length

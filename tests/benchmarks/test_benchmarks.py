@@ -33,6 +33,7 @@ EXPECTED = {
              "peft_load_to_first_answer_1_resident", "peft_load_to_first_answer_10_resident", "churn",
              "ours_forward_1_text_1_resident", "read_forward_bytes_1_resident"},
     "server": {"http_concurrency_1", "http_concurrency_16", "http_concurrency_64", "engine_raw"},
+    "fairness": {"fair", "fifo"},
 }  # fmt: skip
 
 
