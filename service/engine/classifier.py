@@ -96,6 +96,18 @@ def _head_tensors(
     return pair("classifier"), pair("pooler.dense")
 
 
+def _merge(path: str, lm: Any, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of a per-slot head Linear with the adapter's LoRA on it merged in, shapes checked."""
+    out, fan_in = weight.shape
+    if lm.A.dim() != 2 or lm.B.dim() != 2 or tuple(lm.B.shape) != (out, lm.rank) or lm.A.shape[1] != fan_in:
+        raise ValueError(
+            f"{path}: LoRA A {tuple(lm.A.shape)}, B {tuple(lm.B.shape)} do not fit its [{out}, {fan_in}] weight"
+        )
+    if any(t is not None and t.shape != (out,) for t in (lm.bias, lm.magnitude)):
+        raise ValueError(f"{path}: LoRA bias/magnitude must be [{out}]")
+    return lm.merged(weight, bias)
+
+
 def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
     """The encoder's layers if they are BERT-style (BERT, RoBERTa, ELECTRA, MiniLM...: self-attention
     query/key/value + output, intermediate, output; absolute positions; no cross-attention or chunking),
@@ -163,6 +175,8 @@ class ClassifierEngine:
         # (BertModel skips a None pooler) so the base pooler is not computed twice.
         pooler = getattr(getattr(encoder, "pooler", None), "dense", None)
         self.heads = StackedHeads(pooler, classifier, num_slots, max_labels)
+        prefix = getattr(model, "base_model_prefix", "") or "bert"
+        self.pooler_path = f"{prefix}.pooler.dense"
         if pooler is not None:
             encoder.pooler = None
         self.encoder = encoder
@@ -180,11 +194,27 @@ class ClassifierEngine:
     # SlotEngine ---------------------------------------------------------------------------------
     def load_slot(self, slot: int, weights: Any) -> None:
         """Copy an AdapterWeights (LoRA + modules_to_save head) into `slot`; validated before any write."""
-        lora = dict(weights.lora)
+        lora = {p: m for p, m in weights.lora.items() if p in self.slots.modules}
+        folded = {p: m for p, m in weights.lora.items() if p not in self.slots.modules}
         classifier, pooler = _head_tensors(dict(weights.head))
         hidden = self.heads.head_w.shape[1]
         if classifier is None:
             classifier = self.heads.base_head
+        # LoRA on a module this engine keeps per slot (PEFT's `dense` and `all-linear` match the pooler) is
+        # merged into the slot's copy, on top of the adapter's own saved module if it has one.
+        kept = {"classifier": classifier}
+        if self.heads.has_pooler:
+            kept[self.pooler_path] = pooler if pooler is not None else self.heads.base_pooler
+        for path, lm in folded.items():
+            if path not in kept:
+                raise ValueError(
+                    f"adapter targets {path!r}, which is neither a wrapped LoRA module nor a head module"
+                    " this engine keeps per slot"
+                )
+            kept[path] = _merge(path, lm, *kept[path])
+        classifier = kept["classifier"]
+        if self.pooler_path in folded:
+            pooler = kept[self.pooler_path]
         w, b = classifier
         if w.dim() != 2 or w.shape[1] != hidden or b.shape != (w.shape[0],):
             raise ValueError(f"classifier head must be [labels, {hidden}] + [labels], got {tuple(w.shape)}")
