@@ -96,7 +96,8 @@ class ClassifierEngine:
         # Wrapped on the full model so slot paths are the adapters' own (`bert.encoder.layer.0...`).
         in_head = tuple(p + "." for p in family.modules)
         wrap = [path for path, m in model.named_modules() if isinstance(m, nn.Linear)
-                and not (path + ".").startswith(in_head) and (targets is None or matches_target(path, targets))]  # fmt: skip
+                and not (path + ".").startswith(in_head)
+                and (targets is None or matches_target(path, targets))]  # fmt: skip
         self.slots: LoraSlots = inject_multi_lora(model, wrap, num_slots, max_rank)
         pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
         # DeBERTa projects its relative position embeddings with the layer's own (LoRA-wrapped) q/k linears
@@ -155,7 +156,8 @@ class ClassifierEngine:
         padded = not bool(attention_mask.all())  # before the move: no device sync for CPU-built masks
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.per_slot:
-            return self.heads(self._encode_per_slot(input_ids, attention_mask, slot_ids), attention_mask, slot_ids)
+            hidden = self._encode_per_slot(input_ids, attention_mask, slot_ids)
+            return self.heads(hidden, attention_mask, slot_ids)
         with self.slots.use(slot_ids):
             if self.layers is None:
                 hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -117,6 +117,7 @@ class SlotHeads:
 
     def __init__(self, model: nn.Module, family: Family, num_slots: int, max_labels: int):
         self.family, self.config, self.max_labels = family, model.config, max_labels
+        self.dtype = model.get_submodule(family.output).weight.dtype
         self.base: dict[str, nn.Module] = {p: model.get_submodule(p) for p in family.modules}
         self.params = {f"{root}.{name}": p.detach() for root, m in self.base.items()
                        for name, p in m.named_parameters()}  # fmt: skip
@@ -128,7 +129,7 @@ class SlotHeads:
         self.slots: list[dict[str, nn.Module]] = [self.base] * num_slots
         self.num_labels = [labels] * num_slots
 
-    def prepare(self, head: Mapping[str, Tensor], lora: Mapping[str, Any]) -> tuple[dict[str, nn.Module], int]:
+    def prepare(self, head: Mapping[str, Tensor], lora: Mapping[str, Any]) -> tuple[dict[str, nn.Module], int]:  # fmt: skip
         """(the slot's head modules, label count) for an adapter's saved head tensors and LoRA on head
         Linears; everything is checked, nothing is written (the caller installs them with `install`)."""
         unknown = sorted(k for k in head if k not in self.params)
@@ -146,7 +147,7 @@ class SlotHeads:
                     )
             elif t.shape != base.shape:
                 raise ValueError(f"head tensor {key} must be {tuple(base.shape)}, got {tuple(t.shape)}")
-            new[key] = t.to(device=base.device, dtype=base.dtype)
+            new[key] = t.to(device=base.device)  # the engine's dtype only after any LoRA merge
         weight = new.get(out_w, self.params[out_w])
         bias = new.get(out_b, self.params.get(out_b))
         labels = weight.shape[0]
@@ -177,7 +178,7 @@ class SlotHeads:
             for name, t in changed.items():
                 owner_path, _, param = name.rpartition(".")
                 owner = module.get_submodule(owner_path)
-                setattr(owner, param, nn.Parameter(t, requires_grad=False))
+                setattr(owner, param, nn.Parameter(t.to(self.dtype), requires_grad=False))
                 if isinstance(owner, nn.Linear):  # a new label count: keep the repr honest
                     owner.out_features, owner.in_features = owner.weight.shape
             modules[root] = module

@@ -75,7 +75,8 @@ def word_tokenizer(pad_id: int) -> T.PreTrainedTokenizerFast:
 def adapter_specs(family: str) -> list[tuple]:
     """(targets, rank, labels, options): all-linear, all-linear DoRA, and a target list with lora_bias."""
     targets = BASES[family][1]
-    specs = [("all-linear", 4, 3, {}), ("all-linear", 8, 2, {"use_dora": True}), (targets, 2, 5, {"lora_bias": True})]
+    specs = [("all-linear", 4, 3, {}), ("all-linear", 8, 2, {"use_dora": True}),
+             (targets, 2, 5, {"lora_bias": True})]  # fmt: skip
     if family == "distilbert":
         # PEFT cannot apply all-linear to DistilBERT SEQ_CLS (pre_classifier gets LoRA, then its modules_to_save
         # suffix rule wraps it again): its linears are listed. That suffix rule also saves `pre_classifier`
@@ -140,7 +141,7 @@ def test_mixed_padded_batch_matches_peft_per_row(served) -> None:
         with torch.no_grad():
             want = oracles[slot](**engine.tokenizer([text], return_tensors="pt")).logits[0]
         assert logits.shape == want.shape, (family, slot)
-        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{family} slot {slot}: {m}")
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4, msg=f"{family} slot {slot}")
         torch.testing.assert_close(logits.softmax(-1), want.softmax(-1), atol=1e-4, rtol=0)
 
 
@@ -175,7 +176,8 @@ def test_unsupported_family_is_refused_naming_the_supported_ones() -> None:
     model = T.AlbertForSequenceClassification(config).eval()
     with pytest.raises(ValueError, match="'albert'.*supported: bert, deberta-v2, distilbert, electra"):
         ClassifierEngine(model, word_tokenizer(0), None)
-    assert set(FAMILIES) >= {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "modernbert"}
+    served = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "modernbert"}
+    assert set(FAMILIES) >= served
 
 
 def test_modernbert_pooling_it_cannot_serve_is_refused() -> None:
@@ -184,3 +186,28 @@ def test_modernbert_pooling_it_cannot_serve_is_refused() -> None:
     object.__setattr__(model.config, "classifier_pooling", "max")  # past the config's own validation
     with pytest.raises(ValueError, match="classifier_pooling='max'"):
         ClassifierEngine(model, word_tokenizer(0), None)
+
+
+def test_refused_adapters_leave_the_slot_as_it_was(served) -> None:
+    from types import SimpleNamespace
+
+    from adapters.peft import LoraModule
+
+    family, engine, _ = served
+    good = engine.loaded[1]
+    before = engine.classify(["w7 w8 w9"], [1])[0]
+    out = engine.heads.family.output
+    fan_in = engine.heads.params[f"{out}.weight"].shape[1]
+    bad = {
+        "classifier head": {**good.head, f"{out}.weight": torch.randn(3, fan_in + 1)},
+        "cannot serve": {**good.head, "nothing.weight": torch.randn(2)},
+    }
+    for match, head in bad.items():
+        with pytest.raises(ValueError, match=match):
+            engine.load_slot(1, SimpleNamespace(**{**vars(good), "head": head}))
+    first = next(iter(engine.slots.modules))  # a wrapped Linear, and an unwrapped non-head module
+    for path, lm in [(first, LoraModule(torch.randn(2, 7), torch.randn(5, 2), 1.0)),
+                     ("nowhere.dense", LoraModule(torch.randn(2, 4), torch.randn(4, 2), 1.0))]:  # fmt: skip
+        with pytest.raises(ValueError, match=path):
+            engine.load_slot(1, SimpleNamespace(**{**vars(good), "lora": {**good.lora, path: lm}}))
+    torch.testing.assert_close(engine.classify(["w7 w8 w9"], [1])[0], before)
