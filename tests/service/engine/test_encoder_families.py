@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,8 +103,9 @@ def load(folder: Path, **kwargs) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module", params=sorted(BASES))
-def served(request, tmp_path_factory) -> tuple:
-    """(family, engine with base + 3 PEFT adapters in slots 1-3, [base, PEFT models] as oracles)."""
+def served(request, tmp_path_factory) -> SimpleNamespace:
+    """family, engine with base + 3 PEFT adapters in slots 1-3, oracles [base, PEFT models], the adapters'
+    AdapterWeights by slot (`loaded`), and the saved base (`base_dir`)."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
     torch.manual_seed(0)
@@ -114,7 +116,7 @@ def served(request, tmp_path_factory) -> tuple:
     info = describe_base(base, family, "classification")
     engine = ClassifierEngine(base, tok, info, num_slots=5, max_rank=16, max_length=64)
     oracles = [load(root / "base")]
-    engine.loaded = {}  # slot -> AdapterWeights, for tests that reload a slot
+    loaded = {}
     for slot, (targets, r, labels, options) in enumerate(adapter_specs(family), start=1):
         torch.manual_seed(slot)
         model = load(root / "base", num_labels=labels, ignore_mismatched_sizes=True)
@@ -124,14 +126,14 @@ def served(request, tmp_path_factory) -> tuple:
         folder = root / f"a{slot}"
         peft_model.save_pretrained(folder)
         import_peft_folder(folder, f"a{slot}", family, info)
-        engine.loaded[slot] = read_adapter(folder, info)
-        engine.load_slot(slot, engine.loaded[slot])
+        loaded[slot] = read_adapter(folder, info)
+        engine.load_slot(slot, loaded[slot])
         oracles.append(peft_model)
-    return family, engine, oracles
+    return SimpleNamespace(family=family, engine=engine, oracles=oracles, loaded=loaded, base_dir=root / "base")
 
 
 def test_mixed_padded_batch_matches_peft_per_row(served) -> None:
-    family, engine, oracles = served
+    family, engine, oracles = served.family, served.engine, served.oracles
     assert (engine.layers is not None) == (family in NATIVE)
     rng = random.Random(1)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20))) for _ in range(14)]
@@ -148,7 +150,7 @@ def test_mixed_padded_batch_matches_peft_per_row(served) -> None:
 def test_adapters_reach_head_and_embedding_linears_as_peft_put_them(served) -> None:
     """The all-linear adapter's LoRA on Linears outside the blocks is served, not dropped: folded into the
     slot's head copy (BERT/DeBERTa pooler, ModernBERT head.dense) or wrapped (ELECTRA embeddings_project)."""
-    family, engine, oracles = served
+    family, engine, oracles = served.family, served.engine, served.oracles
     saved = {n.split(".lora_")[0].removeprefix("base_model.model.") for n, _ in oracles[1].named_parameters()
              if ".lora_A." in n}  # fmt: skip
     outside = {p for p in saved if p not in engine.slots.modules}
@@ -160,11 +162,11 @@ def test_adapters_reach_head_and_embedding_linears_as_peft_put_them(served) -> N
 
 
 def test_clear_restores_the_base_head(served) -> None:
-    family, engine, oracles = served
+    family, engine = served.family, served.engine
     text = "w3 w4 w5"
     base = engine.classify([text], [0])[0]
     assert not torch.allclose(engine.classify([text], [3])[0][:2], base, atol=1e-3), family
-    weights = engine.loaded[3]
+    weights = served.loaded[3]
     engine.clear_slot(3)
     torch.testing.assert_close(engine.classify([text], [3])[0], base)
     assert engine.heads.slots[3] is engine.heads.base  # the base modules themselves, no copies
@@ -189,12 +191,9 @@ def test_modernbert_pooling_it_cannot_serve_is_refused() -> None:
 
 
 def test_refused_adapters_leave_the_slot_as_it_was(served) -> None:
-    from types import SimpleNamespace
-
     from adapters.peft import LoraModule
 
-    family, engine, _ = served
-    good = engine.loaded[1]
+    engine, good = served.engine, served.loaded[1]
     before = engine.classify(["w7 w8 w9"], [1])[0]
     out = engine.heads.family.output
     fan_in = engine.heads.params[f"{out}.weight"].shape[1]
@@ -211,3 +210,23 @@ def test_refused_adapters_leave_the_slot_as_it_was(served) -> None:
         with pytest.raises(ValueError, match=path):
             engine.load_slot(1, SimpleNamespace(**{**vars(good), "lora": {**good.lora, path: lm}}))
     torch.testing.assert_close(engine.classify(["w7 w8 w9"], [1])[0], before)
+
+
+def _mixed_rows(n: int, slots: int, seed: int) -> tuple[list[str], list[int]]:
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20))) for _ in range(n)]
+    return texts, [rng.randrange(slots) for _ in texts]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_mixed_batch_matches_peft_per_row(served) -> None:
+    """The same family on a GPU (fp32; slots loaded from host tensors) against PEFT per row on the CPU."""
+    gpu = ClassifierEngine(load(served.base_dir), served.engine.tokenizer, served.engine.base_info, num_slots=5,
+                           max_rank=16, max_length=64, device="cuda")  # fmt: skip
+    for slot, weights in served.loaded.items():
+        gpu.load_slot(slot, weights)
+    texts, slots = _mixed_rows(12, len(served.oracles), seed=5)
+    for text, slot, logits in zip(texts, slots, gpu.classify(texts, slots), strict=True):
+        with torch.no_grad():
+            want = served.oracles[slot](**gpu.tokenizer([text], return_tensors="pt")).logits[0]
+        torch.testing.assert_close(logits, want, atol=1e-3, rtol=1e-3, msg=f"{served.family} slot {slot}")
