@@ -171,8 +171,8 @@ class ClassifierEngine:
         for slot in torch.unique(slot_ids).tolist():
             rows = (slot_ids == slot).nonzero().squeeze(1)
             with self.slots.use(slot_ids.index_select(0, rows)):
-                out = self.encoder(input_ids=input_ids.index_select(0, rows),
-                                   attention_mask=attention_mask.index_select(0, rows)).last_hidden_state  # fmt: skip
+                ids, mask = input_ids.index_select(0, rows), attention_mask.index_select(0, rows)
+                out = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             if hidden is None:
                 hidden = out.new_empty((slot_ids.shape[0], *out.shape[1:]))
             hidden[rows] = out

@@ -105,7 +105,8 @@ def merge_lora(path: str, lm: Any, weight: Tensor, bias: Tensor | None) -> tuple
     out, fan_in = weight.shape
     if lm.A.dim() != 2 or lm.B.dim() != 2 or tuple(lm.B.shape) != (out, lm.rank) or lm.A.shape[1] != fan_in:
         raise ValueError(
-            f"{path}: LoRA A {tuple(lm.A.shape)}, B {tuple(lm.B.shape)} do not fit its [{out}, {fan_in}] weight"
+            f"{path}: LoRA A {tuple(lm.A.shape)}, B {tuple(lm.B.shape)} do not fit"
+            f" its weight [{out}, {fan_in}]"
         )
     if any(t is not None and tuple(t.shape) != (out,) for t in (lm.bias, lm.magnitude)):
         raise ValueError(f"{path}: LoRA bias/magnitude must be [{out}]")
@@ -129,7 +130,9 @@ class SlotHeads:
         self.slots: list[dict[str, nn.Module]] = [self.base] * num_slots
         self.num_labels = [labels] * num_slots
 
-    def prepare(self, head: Mapping[str, Tensor], lora: Mapping[str, Any]) -> tuple[dict[str, nn.Module], int]:  # fmt: skip
+    def prepare(
+        self, head: Mapping[str, Tensor], lora: Mapping[str, Any]
+    ) -> tuple[dict[str, nn.Module], int]:
         """(the slot's head modules, label count) for an adapter's saved head tensors and LoRA on head
         Linears; everything is checked, nothing is written (the caller installs them with `install`)."""
         unknown = sorted(k for k in head if k not in self.params)

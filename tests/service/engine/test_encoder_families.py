@@ -75,18 +75,17 @@ def word_tokenizer(pad_id: int) -> T.PreTrainedTokenizerFast:
 
 def adapter_specs(family: str) -> list[tuple]:
     """(targets, rank, labels, options): all-linear, all-linear DoRA, and a target list with lora_bias."""
-    targets = BASES[family][1]
-    specs = [("all-linear", 4, 3, {}), ("all-linear", 8, 2, {"use_dora": True}),
-             (targets, 2, 5, {"lora_bias": True})]  # fmt: skip
-    if family == "distilbert":
-        # PEFT cannot apply all-linear to DistilBERT SEQ_CLS (pre_classifier gets LoRA, then its modules_to_save
-        # suffix rule wraps it again): its linears are listed. That suffix rule also saves `pre_classifier`
-        # whole, which adapters/peft.py only reads when it is named: so it is.
-        every = ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
-        specs = [(every, r, n, {**o, "modules_to_save": ["pre_classifier"]})
-                 for (t, r, n, o) in [(every, 4, 3, {}), (every, 8, 2, {"use_dora": True}), specs[2]]]  # fmt: skip
-        specs[2] = (targets, *specs[2][1:])
-    return specs
+    listed = BASES[family][1]
+    if family != "distilbert":
+        return [("all-linear", 4, 3, {}), ("all-linear", 8, 2, {"use_dora": True}),
+                (listed, 2, 5, {"lora_bias": True})]  # fmt: skip
+    # PEFT cannot apply all-linear to DistilBERT SEQ_CLS (pre_classifier gets LoRA, then PEFT's modules_to_save
+    # suffix rule wraps it again), so its linears are listed. That rule ("classifier" ends "pre_classifier")
+    # also saves pre_classifier whole, which adapters/peft.py only reads when it is named: so it is.
+    every = ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
+    keep = {"modules_to_save": ["pre_classifier"]}
+    return [(every, 4, 3, keep), (every, 8, 2, {**keep, "use_dora": True}),
+            (listed, 2, 5, {**keep, "lora_bias": True})]  # fmt: skip
 
 
 def randomize_trained(model: torch.nn.Module, std: float = 0.3) -> None:
@@ -129,7 +128,9 @@ def served(request, tmp_path_factory) -> SimpleNamespace:
         loaded[slot] = read_adapter(folder, info)
         engine.load_slot(slot, loaded[slot])
         oracles.append(peft_model)
-    return SimpleNamespace(family=family, engine=engine, oracles=oracles, loaded=loaded, base_dir=root / "base")
+    return SimpleNamespace(
+        family=family, engine=engine, oracles=oracles, loaded=loaded, base_dir=root / "base"
+    )
 
 
 def test_mixed_padded_batch_matches_peft_per_row(served) -> None:
