@@ -84,6 +84,9 @@ def family_of(model: nn.Module) -> Family:
             f"ClassifierEngine does not serve model type {model_type!r} ({type(model).__name__}); supported:"
             f" {', '.join(sorted(FAMILIES))} (...ForSequenceClassification)"
         )
+    # Other heads of a family (multiple choice) can have the same modules but mean something else.
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        raise ValueError(f"{type(model).__name__} is not a ...ForSequenceClassification model")
     for path in (*family.modules, family.output):
         try:
             model.get_submodule(path)

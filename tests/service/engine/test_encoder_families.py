@@ -179,6 +179,9 @@ def test_unsupported_family_is_refused_naming_the_supported_ones() -> None:
     model = T.AlbertForSequenceClassification(config).eval()
     with pytest.raises(ValueError, match="'albert'.*supported: bert, deberta-v2, distilbert, electra"):
         ClassifierEngine(model, word_tokenizer(0), None)
+    multiple_choice = T.BertForMultipleChoice(BASES["bert"][0]()).eval()  # BERT's pooler and classifier
+    with pytest.raises(ValueError, match="not a ...ForSequenceClassification"):
+        ClassifierEngine(multiple_choice, word_tokenizer(0), None)
     served = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "modernbert"}
     assert set(FAMILIES) >= served
 
