@@ -1,5 +1,6 @@
-"""ClassifierEngine: one BERT-family encoder with multi-LoRA linears and stacked per-slot classification
-heads, so rows for different adapters (with different label counts) share one forward pass.
+"""ClassifierEngine: one encoder (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, DeBERTa-v2, ModernBERT) with
+multi-LoRA linears and per-slot classification heads (heads.py), so rows for different adapters (with
+different label counts) share one forward pass.
 """
 
 from __future__ import annotations
@@ -11,89 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.engine.lora import copy_transposed
-from service.engine.lora_model import LoraSlots, inject_multi_lora
+from service.engine.heads import SlotHeads, family_of
+from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
 from service.engine.packed_linear import pack_block_linears
-
-
-class StackedHeads(nn.Module):
-    """Per-slot pooler (dense + tanh) and classifier: P[S, h, h], H[S, h, L_max] + biases + label counts.
-
-    Slot 0 holds the base model's own pooler and classifier. An adapter that did not train the pooler
-    gets the base pooler copied into its slot, so every slot is self-contained and a reload is a full
-    replace. Padded label columns are -inf, so a softmax over the padded row is still right.
-    """
-
-    def __init__(self, pooler: nn.Linear | None, classifier: nn.Linear, num_slots: int, max_labels: int):
-        super().__init__()
-        hidden = classifier.in_features
-        if classifier.out_features > max_labels:
-            raise ValueError(f"base head has {classifier.out_features} labels > max_labels {max_labels}")
-        self.max_labels = max_labels
-        self.has_pooler = pooler is not None
-        dtype, device = classifier.weight.dtype, classifier.weight.device
-        self.register_buffer("pool_w", torch.zeros(num_slots, hidden, hidden, dtype=dtype, device=device))
-        self.register_buffer("pool_b", torch.zeros(num_slots, hidden, dtype=dtype, device=device))
-        self.register_buffer("head_w", torch.zeros(num_slots, hidden, max_labels, dtype=dtype, device=device))
-        self.register_buffer("head_b", torch.zeros(num_slots, max_labels, dtype=dtype, device=device))
-        self.num_labels = [0] * num_slots
-        self.base_pooler = (pooler.weight.detach().clone(), pooler.bias.detach().clone()) if pooler else None
-        self.base_head = (classifier.weight.detach().clone(), classifier.bias.detach().clone())
-        self.load(0, *self.base_head, pooler=self.base_pooler)
-
-    @torch.no_grad()
-    def load(self, slot: int, weight: Tensor, bias: Tensor, pooler: tuple[Tensor, Tensor] | None) -> None:
-        """weight [L, hidden], bias [L] in nn.Linear layout; pooler (weight, bias) or None for the base's."""
-        labels = weight.shape[0]
-        self.head_w[slot].zero_()
-        self.head_b[slot].fill_(float("-inf"))
-        copy_transposed(self.head_w[slot, :, :labels], weight)
-        self.head_b[slot, :labels].copy_(bias)
-        if self.has_pooler:
-            pw, pb = pooler if pooler is not None else self.base_pooler
-            copy_transposed(self.pool_w[slot], pw)
-            self.pool_b[slot].copy_(pb)
-        self.num_labels[slot] = labels
-
-    def clear(self, slot: int) -> None:
-        self.load(slot, *self.base_head, pooler=None)  # a cleared slot behaves like the base model
-
-    def forward(self, hidden_states: Tensor, slot_ids: Tensor) -> Tensor:
-        """[B, T, h] encoder output -> [B, L_max] logits, row i through slot_ids[i]'s head (CLS token)."""
-        cls = hidden_states[:, 0]
-        logits = torch.empty(cls.shape[0], self.max_labels, dtype=cls.dtype, device=cls.device)
-        # A loop over the distinct slots in the batch: a few small GEMMs, cheaper than gathering a
-        # [B, h, L_max] (and [B, h, h]) weight copy per row.
-        for slot in torch.unique(slot_ids).tolist():
-            rows = (slot_ids == slot).nonzero().squeeze(1)
-            x = cls.index_select(0, rows)
-            if self.has_pooler:
-                x = torch.tanh(torch.addmm(self.pool_b[slot], x, self.pool_w[slot]))
-            logits[rows] = torch.addmm(self.head_b[slot], x, self.head_w[slot])
-        return logits
-
-
-def _head_tensors(
-    head: dict[str, Tensor],
-) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
-    """(classifier (w, b), pooler (w, b)) from an adapter's modules_to_save tensors, by key suffix."""
-
-    def pair(prefix_suffix: str) -> tuple[Tensor, Tensor] | None:
-        w = [v for k, v in head.items() if k.endswith(prefix_suffix + ".weight")]
-        b = [v for k, v in head.items() if k.endswith(prefix_suffix + ".bias")]
-        if not w:
-            return None
-        if len(w) > 1 or len(b) != 1:
-            raise ValueError(
-                f"adapter head has ambiguous or missing {prefix_suffix} weight/bias: {sorted(head)}"
-            )
-        return w[0], b[0]
-
-    known = ("classifier.weight", "classifier.bias", "pooler.dense.weight", "pooler.dense.bias")
-    unknown = [k for k in head if not k.endswith(known)]
-    if unknown:
-        raise ValueError(f"adapter head has tensors this engine cannot serve: {unknown}")
-    return pair("classifier"), pair("pooler.dense")
 
 
 def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
@@ -120,7 +41,7 @@ def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
 
 
 class ClassifierEngine:
-    """Base encoder + multi-LoRA slots + stacked heads. Implements SlotEngine (docs/ARCHITECTURE.md).
+    """Base encoder + multi-LoRA slots + per-slot heads. Implements SlotEngine (docs/ARCHITECTURE.md).
 
     One forward at a time (the batcher calls it from a single worker thread); load/clear of a slot
     that no in-flight request uses is safe meanwhile (the adapter manager's leases guarantee that).
@@ -142,12 +63,10 @@ class ClassifierEngine:
         max_length: int = 256,
         max_labels: int = 128,
     ) -> None:
-        classifier = getattr(model, "classifier", None)
+        family = family_of(model)  # before anything else: an unsupported model changes nothing
         encoder = getattr(model, "base_model", None)
-        if not isinstance(classifier, nn.Linear) or encoder is None or encoder is model:
-            raise ValueError(
-                "ClassifierEngine needs a BERT-style ...ForSequenceClassification (Linear `classifier`)"
-            )
+        if encoder is None or encoder is model:
+            raise ValueError(f"{type(model).__name__} has no encoder (base_model) under its head")
         if base_info is None:  # before injection: the fingerprint reads the untouched parameter names
             from adapters.fingerprint import describe_base
 
@@ -159,45 +78,63 @@ class ClassifierEngine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.num_slots, self.max_rank, self.max_length = num_slots, max_rank, max_length
-        # The pooler and classifier become per-slot stacks; the encoder then runs without its own pooler
-        # (BertModel skips a None pooler) so the base pooler is not computed twice.
-        pooler = getattr(getattr(encoder, "pooler", None), "dense", None)
-        self.heads = StackedHeads(pooler, classifier, num_slots, max_labels)
-        if pooler is not None:
-            encoder.pooler = None
+        self.heads = SlotHeads(model, family, num_slots, max_labels)
+        # A head module inside the encoder (BERT's pooler) runs per slot from `heads`; the encoder then runs
+        # without it (BertModel skips a None pooler), so the base's is not computed too.
+        prefix = model.base_model_prefix
+        for path in family.modules:
+            if path.startswith(prefix + "."):
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent), name, None)
         self.encoder = encoder
-        # BERT-style layers run as a plain loop over their own modules: HF's forward around them (output
-        # capture, kwarg deprecation checks, mask building, per-layer wrappers) was ~15 % of a 1-text
-        # MiniLM forward on CPU (benchmarks/README.md). Other encoders keep their own forward.
+        # BERT-style layers (BERT, RoBERTa, XLM-R, ELECTRA) run as a plain loop over their own modules: HF's
+        # forward around them (output capture, kwarg deprecation checks, mask building, per-layer wrappers)
+        # was ~15 % of a 1-text MiniLM forward on CPU (benchmarks/README.md). Others keep their own forward.
         self.layers = _bert_layers(encoder)
+        # Every Linear outside the head gets LoRA slots (`targets` narrows that): the blocks, and ELECTRA's
+        # embeddings_project, which PEFT's all-linear targets. Heads take LoRA merged per slot instead.
         # Wrapped on the full model so slot paths are the adapters' own (`bert.encoder.layer.0...`).
-        self.slots: LoraSlots = inject_multi_lora(model, targets, num_slots, max_rank)
+        in_head = tuple(p + "." for p in family.modules)
+        wrap = [path for path, m in model.named_modules() if isinstance(m, nn.Linear)
+                and not (path + ".").startswith(in_head)
+                and (targets is None or matches_target(path, targets))]  # fmt: skip
+        self.slots: LoraSlots = inject_multi_lora(model, wrap, num_slots, max_rank)
         pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
+        # DeBERTa projects its relative position embeddings with the layer's own (LoRA-wrapped) q/k linears
+        # once per batch, one row repeated for every row: exact only when all rows share a slot. So such a
+        # batch runs once per slot group, and those projections are routed to the group's slot.
+        self.per_slot = family.shares_rows(model.config)
+        if self.per_slot:
+            for module in encoder.modules():
+                for name in family.shared_row_methods:
+                    if hasattr(module, name):
+                        setattr(module, name, self._one_shared_row(getattr(module, name)))
         self.labels: list[list[str] | None] = [None] * num_slots
         id2label = getattr(model.config, "id2label", None) or {}
-        self.labels[0] = [id2label.get(i, f"LABEL_{i}") for i in range(classifier.out_features)]
+        self.labels[0] = [id2label.get(i, f"LABEL_{i}") for i in range(self.heads.num_labels[0])]
 
     # SlotEngine ---------------------------------------------------------------------------------
     def load_slot(self, slot: int, weights: Any) -> None:
-        """Copy an AdapterWeights (LoRA + modules_to_save head) into `slot`; validated before any write."""
-        lora = dict(weights.lora)
-        classifier, pooler = _head_tensors(dict(weights.head))
-        hidden = self.heads.head_w.shape[1]
-        if classifier is None:
-            classifier = self.heads.base_head
-        w, b = classifier
-        if w.dim() != 2 or w.shape[1] != hidden or b.shape != (w.shape[0],):
-            raise ValueError(f"classifier head must be [labels, {hidden}] + [labels], got {tuple(w.shape)}")
-        if w.shape[0] > self.heads.max_labels:
-            raise ValueError(f"adapter has {w.shape[0]} labels > max_labels {self.heads.max_labels}")
-        if pooler is not None and (not self.heads.has_pooler or pooler[0].shape != (hidden, hidden)):
-            raise ValueError(f"pooler head must be [{hidden}, {hidden}] on a base with a pooler")
+        """Copy an AdapterWeights (LoRA + modules_to_save head) into `slot`; validated before any write.
+
+        LoRA on a wrapped Linear goes into the slot's LoRA stacks; LoRA on a head Linear (PEFT's `dense` and
+        all-linear match BERT's pooler, DeBERTa's and ModernBERT's head dense) is merged into that slot's
+        copy of the module, on top of the adapter's saved module if it has one, else the base's."""
+        lora = {p: m for p, m in weights.lora.items() if p in self.slots.modules}
+        in_head = {p: m for p, m in weights.lora.items() if p not in self.slots.modules}
+        for path in in_head:
+            if path not in self.heads.linears:
+                raise ValueError(
+                    f"adapter targets {path!r}, which is neither a wrapped LoRA module nor a head module"
+                    " this engine keeps per slot"
+                )
+        modules, num_labels = self.heads.prepare(dict(weights.head), in_head)
         labels = list(getattr(weights.manifest, "labels", None) or [])
-        if labels and len(labels) != w.shape[0]:
-            raise ValueError(f"manifest has {len(labels)} labels but the head has {w.shape[0]} rows")
-        self.slots.load(slot, lora)  # validates LoRA shapes before writing
-        self.heads.load(slot, w, b, pooler)
-        self.labels[slot] = labels or [f"LABEL_{i}" for i in range(w.shape[0])]
+        if labels and len(labels) != num_labels:
+            raise ValueError(f"manifest has {len(labels)} labels but the head has {num_labels} rows")
+        self.slots.load(slot, lora)  # validates LoRA shapes (and the slot number) before writing
+        self.heads.install(slot, modules, num_labels)
+        self.labels[slot] = labels or [f"LABEL_{i}" for i in range(num_labels)]
 
     def clear_slot(self, slot: int) -> None:
         self.slots.clear(slot)
@@ -218,19 +155,54 @@ class ClassifierEngine:
         slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=self.device)
         padded = not bool(attention_mask.all())  # before the move: no device sync for CPU-built masks
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if self.per_slot:
+            hidden = self._encode_per_slot(input_ids, attention_mask, slot_ids)
+            return self.heads(hidden, attention_mask, slot_ids)
         with self.slots.use(slot_ids):
             if self.layers is None:
                 hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             else:
                 hidden = self._encode(input_ids, attention_mask if padded else None)
-        return self.heads(hidden, slot_ids)
+        return self.heads(hidden, attention_mask, slot_ids)
+
+    def _encode_per_slot(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:
+        """The encoder's own forward once per distinct slot, over that slot's rows."""
+        hidden = None
+        for slot in torch.unique(slot_ids).tolist():
+            rows = (slot_ids == slot).nonzero().squeeze(1)
+            with self.slots.use(slot_ids.index_select(0, rows)):
+                ids, mask = input_ids.index_select(0, rows), attention_mask.index_select(0, rows)
+                out = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            if hidden is None:
+                hidden = out.new_empty((slot_ids.shape[0], *out.shape[1:]))
+            hidden[rows] = out
+        return hidden
+
+    def _one_shared_row(self, method):
+        """`method`, with the wrapped linears routing its one-row inputs to the (single) slot of the rows."""
+        state, slots = self.slots.state, self.slots
+
+        def call(*args, **kwargs):
+            rows = state.slot_ids
+            if rows is None or rows.shape[0] <= 1:
+                return method(*args, **kwargs)
+            state.set(rows[:1], False, slots.extra_slots)  # every row has this slot (_encode_per_slot)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                state.set(rows, False, slots.extra_slots)
+
+        return call
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         """The BERT-style encoder's last hidden state, layer by layer through its own modules (eval mode:
         dropout is off). SDPA masks padded keys with a bool mask; with no padding it gets none."""
         b, t = input_ids.shape
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.encoder.embeddings(input_ids=input_ids)
+        x = self.encoder.embeddings(input_ids=input_ids)  # RoBERTa's derives positions from the pad id
+        project = getattr(self.encoder, "embeddings_project", None)  # ELECTRA: embedding_size != hidden
+        if project is not None:
+            x = project(x)
         for layer in self.layers:
             sa = layer.attention.self
             q, k, v = (proj(x).view(b, t, -1, sa.attention_head_size).transpose(1, 2)
@@ -242,7 +214,9 @@ class ClassifierEngine:
 
     def run(self, rows: Sequence[Sequence[int]], slot_ids: Sequence[int]) -> list[Tensor]:
         """Token-id rows (any lengths) -> per-row logits trimmed to the row's slot's label count (CPU)."""
-        pad = self.tokenizer.pad_token_id or 0
+        pad = self.tokenizer.pad_token_id
+        if pad is None:  # RoBERTa's positions count non-pad ids: pad with the model's own pad id
+            pad = getattr(self.model.config, "pad_token_id", None) or 0
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

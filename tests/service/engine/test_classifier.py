@@ -109,8 +109,10 @@ def test_reload_replaces_slot_fully_and_clear_restores_base(
     for path, m in loaded.slots.modules.items():
         assert torch.equal(m.lora_A[2], fresh.slots.modules[path].lora_A[2]), path
         assert torch.equal(m.lora_B[2], fresh.slots.modules[path].lora_B[2]), path
-    for name in ("pool_w", "pool_b", "head_w", "head_b"):
-        assert torch.equal(getattr(loaded.heads, name)[2], getattr(fresh.heads, name)[2]), name
+    want = fresh.heads.state(2)
+    assert want.keys() == loaded.heads.state(2).keys()
+    for name, tensor in loaded.heads.state(2).items():
+        assert torch.equal(tensor, want[name]), name
     text = "w1 w2 w3 w4"
     torch.testing.assert_close(loaded.classify([text], [2])[0], _oracle(small_model, loaded.tokenizer, text))
     assert loaded.labels[2] == [f"l{i}" for i in range(labels)]
@@ -218,3 +220,66 @@ def test_cuda_mixed_batch_matches_peft_per_row(peft_adapters, tiny_base_dir, kit
     for text, slot, logits in zip(texts, slots, gpu.classify(texts, slots), strict=True):
         want = _oracle(base if slot == 0 else peft_adapters[slot - 1][0], tok, text)
         torch.testing.assert_close(logits, want, atol=1e-3, rtol=1e-3)
+
+
+# (targets, rank, labels, PEFT options): LoRA on the pooler (`dense` and PEFT's all-linear both match
+# `bert.pooler.dense`), with DoRA and lora_bias, next to plain block-only adapters.
+HEAD_LORA_SPECS = [
+    (["dense"], 4, 3, {}),
+    ("all-linear", 2, 5, {}),
+    ("all-linear", 8, 2, {"use_dora": True}),
+    (["query", "dense"], 3, 4, {"lora_bias": True}),
+    (["query", "value"], 6, 2, {}),
+]
+
+
+def randomize_trained(model: torch.nn.Module, std: float = 0.3) -> None:
+    """Random LoRA A/B (and lora_B biases) and heads; DoRA magnitudes scaled around PEFT's ||W|| init."""
+    randomize_adapter(model, std, ("lora_A", "lora_B", "modules_to_save"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + std * torch.randn_like(param))
+
+
+def test_lora_on_the_pooler_is_folded_per_slot(tiny_base_dir, kit, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    engine = ClassifierEngine(kit.load_base(tiny_base_dir), tok, INFO, num_slots=8, max_rank=16, max_length=32)
+    oracles = [kit.load_base(tiny_base_dir)]
+    for slot, (targets, r, labels, extra) in enumerate(HEAD_LORA_SPECS, start=1):
+        torch.manual_seed(slot)
+        model = kit.load_base(tiny_base_dir, num_labels=labels, ignore_mismatched_sizes=True)
+        cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=targets, **extra)
+        peft_model = get_peft_model(model, cfg).eval()
+        randomize_trained(peft_model)
+        peft_model.save_pretrained(tmp_path / str(slot))
+        weights = kit.read_peft_folder(tmp_path / str(slot), labels)
+        assert (targets == ["query", "value"]) != ("bert.pooler.dense" in weights.lora), targets
+        engine.load_slot(slot, weights)
+        oracles.append(peft_model)
+    rng = random.Random(7)
+    texts = [kit.random_text(rng, rng.randint(1, 25)) for _ in range(18)]
+    slots = [i % len(oracles) for i in range(len(texts))]
+    for text, slot, logits in zip(texts, slots, engine.classify(texts, slots), strict=True):
+        want = _oracle(oracles[slot], tok, text)
+        torch.testing.assert_close(logits.softmax(-1), want.softmax(-1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_a_module_neither_wrapped_nor_kept_is_refused(loaded, peft_adapters) -> None:
+    from adapters.peft import LoraModule
+
+    _, good, _ = peft_adapters[0]
+    before = loaded.classify(["w5 w6"], [1])[0]
+    lm = LoraModule(torch.randn(2, 32), torch.randn(32, 2), 1.0)
+    for path in ("bert.embeddings.word_embeddings", "bert.nonexistent"):
+        bad = SimpleNamespace(**{**vars(good), "lora": {**good.lora, path: lm}})
+        with pytest.raises(ValueError, match=path):
+            loaded.load_slot(1, bad)
+    wrong_shape = SimpleNamespace(**{**vars(good), "lora": {**good.lora, "bert.pooler.dense": LoraModule(
+        torch.randn(2, 31), torch.randn(32, 2), 1.0)}})  # fmt: skip
+    with pytest.raises(ValueError, match="bert.pooler.dense"):
+        loaded.load_slot(1, wrong_shape)
+    torch.testing.assert_close(loaded.classify(["w5 w6"], [1])[0], before)
