@@ -132,7 +132,7 @@ class Registry:
         ref = AdapterRef.parse(ref) if isinstance(ref, str) else ref
         versions = self.versions(ref.name)
         if not versions:
-            raise AdapterNotFoundError(f"adapter {ref.name!r} not found in registry {self.url}")
+            raise AdapterNotFoundError(f"adapter {ref.name!r} not found in the registry")
         if ref.version is not None:
             if ref.version not in versions:
                 raise AdapterNotFoundError(f"adapter {ref} not found (versions: {versions})")
@@ -149,7 +149,7 @@ class Registry:
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
-            raise AdapterNotFoundError(f"adapter {name}@{version} not found in registry {self.url}") from None
+            raise AdapterNotFoundError(f"adapter {name}@{version} not found in the registry") from None
         except OSError as exc:
             raise RegistryError(f"registry I/O failed while reading {name}@{version}: {exc}") from exc
         return Manifest.parse(data, f"{name}@{version}/{MANIFEST_FILE}")
@@ -208,7 +208,7 @@ class Registry:
         if version < 1:
             raise AdapterConflictError(f"invalid version {version}: versions start at 1")
         if version in existing:
-            raise AdapterConflictError(f"adapter {name}@{version} already exists in registry {self.url}")
+            raise AdapterConflictError(f"adapter {name}@{version} already exists in the registry")
         manifest = manifest.model_copy(update={"name": name, "version": version})
         tmp = self._path(f"{TMP_PREFIX}{uuid.uuid4().hex}")
         try:
@@ -298,11 +298,11 @@ class Registry:
         versions = self.versions(name)
         if version is None:
             if not versions and not self.fs.exists(self._path(name)):
-                raise AdapterNotFoundError(f"adapter {name!r} not found in registry {self.url}")
+                raise AdapterNotFoundError(f"adapter {name!r} not found in the registry")
             self._vanish(self._path(name))
             return
         if int(version) not in versions:
-            raise AdapterNotFoundError(f"adapter {name}@{version} not found in registry {self.url}")
+            raise AdapterNotFoundError(f"adapter {name}@{version} not found in the registry")
         pointing = sorted(a for a, v in self.aliases(name).items() if v == int(version))
         if pointing:
             raise AdapterConflictError(

@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
     app.add_middleware(RequestMetrics, ctx=ctx)
     app.add_middleware(JsonOnly)
     _install_optional(app)
-    # /health, /ready, /metrics are open; everything else needs a key when auth is on (routers add scopes).
+    # /health and /ready are open (probes); everything else needs a key when auth is on (routes add scopes;
+    # /metrics takes a `metrics` or `admin` key).
     app.include_router(health.router, responses=error_responses(503))
     app.include_router(classify.router, dependencies=[Depends(require_infer)], responses=COMMON_ERRORS)
     app.include_router(adapters.router, dependencies=[Depends(authenticate)], responses=COMMON_ERRORS)

@@ -11,11 +11,12 @@ when configured, always turn it on. `loraswap serve` refuses to bind a non-loopb
 unless `LORASWAP_AUTH_ENABLED=false` was given explicitly (see `check_bind_address`).
 
 Scopes are independent: `infer` for /v1/classify, /v1/completions, /v1/chat/completions; `admin` for the
-management endpoints (load/unload/aliases and the vLLM aliases). The adapter globs (`fnmatch`, default
+management endpoints (load/unload/aliases and the vLLM aliases) and for the manifest's training details and
+the residency's local paths; `metrics` (or `admin`) for `/metrics`. The adapter globs (`fnmatch`, default
 `["*"]`) apply to every endpoint that names an adapter (the base model's id is matched like a name): a
-key not allowed an adapter gets 403 for it and does not see it in `/v1/models` or `/v1/adapters`.
-`/health`, `/ready`, `/metrics` need no key. Errors are 401 (no/unknown key) and 403 (missing scope or
-adapter), in the OpenAI error shape, with `WWW-Authenticate: Bearer`.
+key not allowed an adapter gets 403 for it and does not see it in `/v1/models`, `/v1/adapters` or the
+`adapter` label of `/metrics`. `/health` and `/ready` need no key (probes). Errors are 401 (no/unknown key)
+and 403 (missing scope or adapter), in the OpenAI error shape, with `WWW-Authenticate: Bearer`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from service.api.errors import APIError
 
 log = logging.getLogger("loraswap.auth")
 
-SCOPES = frozenset({"infer", "admin"})
+SCOPES = frozenset({"infer", "admin", "metrics"})
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY_FIELDS = {"key", "key_sha256", "scopes", "adapters", "name"}
 
@@ -192,6 +193,11 @@ def _store(request: Request) -> KeyStore | None:
     return getattr(request.app.state, "auth", None)
 
 
+def _auth_on(request: Request) -> bool:
+    store = _store(request)
+    return store is not None and store.enabled
+
+
 def _add_log_field(request: Request, key: str, value) -> None:
     fields = getattr(request.state, "log_fields", None)
     if isinstance(fields, dict):
@@ -201,9 +207,9 @@ def _add_log_field(request: Request, key: str, value) -> None:
 async def authenticate(request: Request,
                        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> ApiKey | None:
     """The caller's key (None when auth is off); 401 when auth is on and the key is missing or unknown."""
-    store = _store(request)
-    if store is None or not store.enabled:
+    if not _auth_on(request):
         return None
+    store = _store(request)
     if credentials is None:
         raise _unauthorized("missing API key: send `Authorization: Bearer <key>`", "missing_api_key")
     key = store.lookup(credentials.credentials)
@@ -214,13 +220,15 @@ async def authenticate(request: Request,
     return key
 
 
-def require(scope: str):
-    """Dependency: an authenticated key with `scope`, holding one of its concurrent-request slots."""
-    if scope not in SCOPES:
-        raise ValueError(scope)
+def require(scope: str, *also: str):
+    """Dependency: an authenticated key with `scope` (or one of `also`), holding one of its concurrent-request
+    slots."""
+    accepted = frozenset((scope, *also))
+    if accepted - SCOPES:
+        raise ValueError(sorted(accepted - SCOPES))
 
     async def dependency(request: Request, key: ApiKey | None = Depends(authenticate)) -> AsyncIterator[ApiKey | None]:
-        if key is not None and scope not in key.scopes:
+        if key is not None and not key.scopes & accepted:
             raise forbidden(f"this API key lacks the {scope!r} scope", code="insufficient_scope")
         async with _concurrency_slot(request, key):
             yield key
@@ -231,6 +239,7 @@ def require(scope: str):
 
 require_infer = require("infer")
 require_admin = require("admin")
+require_metrics = require("metrics", "admin")  # an admin key may read what it manages
 
 
 async def require_key(request: Request, key: ApiKey | None = Depends(authenticate)) -> AsyncIterator[ApiKey | None]:
@@ -261,8 +270,7 @@ def _base_ids(request: Request) -> set[str]:
 def allowed(request: Request, ref: str) -> bool:
     """Whether the caller may use/see adapter (or base model) `ref`; always True when auth is off."""
     key: ApiKey | None = getattr(request.state, "api_key", None)
-    store = _store(request)
-    if store is None or not store.enabled:
+    if not _auth_on(request):
         return True
     if key is None:
         return False
@@ -273,3 +281,23 @@ def check_adapter(request: Request, ref: str, param: str = "adapter") -> None:
     """403 unless the caller's key allows adapter (or base model) `ref`. Call it after the body is parsed."""
     if not allowed(request, ref):
         raise forbidden(f"this API key is not allowed to use {ref!r}", code="adapter_not_allowed", param=param)
+
+
+def sees_internals(request: Request) -> bool:
+    """Whether the caller may see how adapters were made and where they live (dataset, training settings,
+    file list, local paths): admin keys, and everyone when auth is off (a local server is its owner's)."""
+    if not _auth_on(request):
+        return True
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    return key is not None and "admin" in key.scopes
+
+
+def adapter_filter(request: Request) -> Callable[[str], bool] | None:
+    """Which adapter names the caller may see in `/metrics`: None for all (auth off, or a key allowed every
+    adapter), else a predicate on names. Base model ids and `_other_` are the metrics module's to keep."""
+    if not _auth_on(request):
+        return None
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    if key is None:
+        return lambda name: False
+    return None if key.allows("*") else key.allows

@@ -1,7 +1,7 @@
 """Admission control: body size, draining, per-request timeout, client disconnect, per-key concurrency.
 
-`AdmissionMiddleware` (pure ASGI, streaming-safe) wraps every HTTP request except the open probes
-(`/health`, `/ready`, `/metrics`):
+`AdmissionMiddleware` (pure ASGI, streaming-safe) wraps every HTTP request except the probes and the
+scrape (`/health`, `/ready`, `/metrics`: they answer while draining; /metrics still needs its key):
 
 - body larger than `max_body_bytes` → 413 before the body is read: at once from `Content-Length`,
   else as soon as the counted chunks pass the limit (chunked uploads too);
@@ -29,7 +29,7 @@ from service.api.errors import APIError
 
 log = logging.getLogger("loraswap.limits")
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # not admitted here (auth is service.auth's)
 
 
 def tenant_of(request) -> str | None:

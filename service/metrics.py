@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
@@ -76,17 +76,42 @@ def mark_process_dead(pid: int, multiprocess_dir: str | None = None) -> None:
         multiprocess.mark_process_dead(pid, path)
 
 
-class _WithoutCreated:
-    """Collector view of a registry without the `_created` samples: they double the series
-    count, no dashboard reads them, and they would show up as extra gauge families."""
+LORA_INFO = "vllm:lora_requests_info"
+LORA_LIST_LABELS = ("running_lora_adapters", "waiting_lora_adapters")
 
-    def __init__(self, registry: CollectorRegistry):
+
+class _ScrapeView:
+    """Collector view of a registry for one scrape. Drops the `_created` samples (they double the
+    series count, no dashboard reads them, and they would show up as extra gauge families) and, when
+    `keep` is given (a key limited to some adapters), the series of the adapters it may not see:
+    samples whose `adapter` label fails `keep`, and those names in vLLM's comma-joined LoRA lists."""
+
+    def __init__(self, registry: CollectorRegistry, keep: Callable[[str], bool] | None = None):
         self._registry = registry
+        self._keep = keep
 
     def collect(self) -> Iterator[Metric]:
         for family in self._registry.collect():
-            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            samples = [s for s in family.samples if not s.name.endswith("_created")]
+            if self._keep is not None:
+                samples = self._visible(family.name, samples)
+            family.samples = samples
             yield family
+
+    def _visible(self, family: str, samples: list) -> list:
+        keep = self._keep
+        if family != LORA_INFO:
+            return [s for s in samples if "adapter" not in s.labels or keep(s.labels["adapter"])]
+        # Hidden names leave the lists; series that become alike (multiprocess mode keeps old ones)
+        # merge into the newest, the one the endpoint picker reads.
+        newest: dict[tuple, Any] = {}
+        for s in samples:
+            labels = {k: ",".join(n for n in v.split(",") if n and keep(n)) if k in LORA_LIST_LABELS else v
+                      for k, v in s.labels.items()}
+            ident = tuple(sorted(labels.items()))
+            if ident not in newest or s.value > newest[ident].value:
+                newest[ident] = s._replace(labels=labels)
+        return list(newest.values())
 
 
 class Metrics:
@@ -108,7 +133,8 @@ class Metrics:
         self.max_adapter_labels = max_adapter_labels
         self._lock = threading.Lock()
         self._adapter_labels: set[str] = set()
-        for name in always_labelled:
+        self.always_labelled = frozenset(always_labelled)  # shown to every key that may read metrics
+        for name in self.always_labelled:
             self.adapter_label(name)
 
         self.multiprocess_dir = multiprocess_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -344,17 +370,32 @@ class Metrics:
 
     # -- scrape ------------------------------------------------------------------------------
 
-    def _collector(self) -> Any:
+    def _collector(self, visible: Callable[[str], bool] | None) -> Any:
+        registry = self.registry
         if self.multiprocess_dir:
-            merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
-            return _WithoutCreated(merged)
-        return _WithoutCreated(self.registry)
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return _ScrapeView(registry, None if visible is None else self._keeper(visible))
 
-    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+    def _keeper(self, visible: Callable[[str], bool]) -> Callable[[str], bool]:
+        """`visible`, asked once per distinct name in a scrape; `_other_` and the base models always pass."""
+        decided = dict.fromkeys((OTHER_ADAPTER, *self.always_labelled), True)
+
+        def keep(name: str) -> bool:
+            if name not in decided:
+                decided[name] = bool(visible(name))
+            return decided[name]
+
+        return keep
+
+    def exposition(
+        self, accept: str | None = None, visible: Callable[[str], bool] | None = None
+    ) -> tuple[bytes, str]:
         """(body, content type) for GET /metrics. Prometheus text format 0.0.4 unless `accept`
-        (the request's Accept header) asks for OpenMetrics."""
+        (the request's Accept header) asks for OpenMetrics. `visible` (an adapter name -> bool), when
+        given, hides the series of the adapters it refuses (see `_ScrapeView`)."""
+        collector = self._collector(visible)
         if accept:
             encoder, content_type = choose_encoder(accept)
-            return encoder(self._collector()), content_type
-        return generate_latest(self._collector()), CONTENT_TYPE_LATEST
+            return encoder(collector), content_type
+        return generate_latest(collector), CONTENT_TYPE_LATEST

@@ -58,17 +58,21 @@ def make_cls_adapter(base_dir: Path, out_dir: Path, *, num_labels: int, r: int =
 
 
 def publish_cls_adapter(registry, base_dir: Path, work: Path, name: str, *, num_labels: int, seed: int = 0,
-                        version: int | None = None, **kwargs) -> PeftModel:
-    """make_cls_adapter + import (writes the manifest) + publish into `registry`."""
+                        version: int | None = None, manifest_update: dict | None = None, **kwargs) -> PeftModel:
+    """make_cls_adapter + import (writes the manifest, with `manifest_update` fields such as `dataset` and
+    `training` set on it) + publish into `registry`."""
     from adapters.bases import load_base
     from adapters.fingerprint import describe_base
     from adapters.format import import_peft_folder
+    from adapters.manifest import Manifest
 
     folder = work / f"{name}-{seed}"
     model = make_cls_adapter(base_dir, folder, num_labels=num_labels, seed=seed, **kwargs)
     base, _ = load_base(base_dir, "classification")
-    import_peft_folder(folder, name, str(base_dir), describe_base(base, str(base_dir), "classification"),
-                       version=version or 1)
+    manifest = import_peft_folder(folder, name, str(base_dir), describe_base(base, str(base_dir), "classification"),
+                                  version=version or 1)
+    if manifest_update:
+        Manifest.model_validate({**manifest.model_dump(), **manifest_update}).save(folder)
     registry.publish(folder, name=name, version=version)
     return model
 

@@ -64,6 +64,18 @@ def _resident(ctx) -> dict[str, dict]:
     return {row["name"]: row for m in ctx.managers.values() for row in m.describe()}
 
 
+# Admin-only details (auth.sees_internals): how an adapter was trained, on which data, and where it lives.
+PRIVATE_MANIFEST_FIELDS = frozenset({"dataset", "training", "files"})
+PRIVATE_RESIDENCY_FIELDS = frozenset({"source"})  # a local path when loaded from one
+
+
+def _shown(request: Request, row: dict | None, private: frozenset[str]) -> dict | None:
+    """`row` as the caller may see it: whole for admin keys and auth-off servers, else without `private`."""
+    if row is None or auth.sees_internals(request):
+        return row
+    return {k: v for k, v in row.items() if k not in private}
+
+
 @router.get("/v1/adapters", summary="Adapters in the registry and their residency",
             dependencies=[Depends(auth.require_key)])
 async def list_adapters(request: Request) -> dict:
@@ -78,6 +90,7 @@ async def list_adapters(request: Request) -> dict:
         except AdapterNotFoundError:
             reg = {"versions": [], "aliases": {}}
         row = resident.get(name, {"name": name, "tier": "registry", "version": None, "requests": 0})
+        row = _shown(request, row, PRIVATE_RESIDENCY_FIELDS)
         data.append({**row, **{"registry_" + k: v for k, v in reg.items()}})
     return {"object": "list", "data": data}
 
@@ -96,7 +109,8 @@ async def get_adapter(name: str, request: Request) -> dict:
         if resident is None:
             raise
         reg, manifest = {"versions": [], "aliases": {}}, None
-    return {"name": name, "resident": resident, **reg, "manifest": manifest}
+    return {"name": name, "resident": _shown(request, resident, PRIVATE_RESIDENCY_FIELDS), **reg,
+            "manifest": _shown(request, manifest, PRIVATE_MANIFEST_FIELDS)}
 
 
 @router.post("/v1/adapters", summary="Load or update an adapter from the registry or a path",

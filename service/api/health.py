@@ -1,10 +1,12 @@
-"""Liveness, readiness and the Prometheus scrape endpoint."""
+"""Liveness, readiness (open: probes carry no key) and the Prometheus scrape endpoint (a `metrics` or `admin`
+key when auth is on; a key limited to some adapters sees only their series)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
-from service.api.errors import APIError
+from service import auth
+from service.api.errors import APIError, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -24,9 +26,11 @@ async def ready(request: Request) -> dict:
     return {"status": "ready", "tasks": sorted(ctx.managers)}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            dependencies=[Depends(auth.require_metrics)], responses=error_responses(401, 403))
 async def metrics(request: Request) -> Response:
     ctx = request.app.state.ctx
     ctx.update_engine_gauges()
-    body, content_type = ctx.metrics.exposition(request.headers.get("accept"))
+    visible = auth.adapter_filter(request)
+    body, content_type = ctx.metrics.exposition(request.headers.get("accept"), visible=visible)
     return Response(body, media_type=content_type)

@@ -107,6 +107,21 @@ def test_not_found(registry, adapter_dir):
         registry.manifest("sentiment", 3)
 
 
+def test_errors_name_the_adapter_not_the_registry_location(registry, adapter_dir):
+    """The registry's URL (a bucket in production) is configuration, not something API clients are told."""
+    registry.publish(adapter_dir)
+    calls = [(lambda: registry.resolve("nothing"), "adapter 'nothing' not found in the registry"),
+             (lambda: registry.manifest("sentiment", 3), "adapter sentiment@3 not found in the registry"),
+             (lambda: registry.delete("nothing"), "adapter 'nothing' not found in the registry"),
+             (lambda: registry.delete("sentiment", 3), "adapter sentiment@3 not found in the registry"),
+             (lambda: registry.publish(adapter_dir, version=1), "adapter sentiment@1 already exists in the registry")]
+    for call, message in calls:
+        with pytest.raises((AdapterNotFoundError, AdapterConflictError)) as raised:
+            call()
+        assert str(raised.value) == message
+        assert registry.url not in str(raised.value) and registry.root not in str(raised.value)
+
+
 def test_delete(registry, adapter_dir):
     for _ in range(3):
         registry.publish(adapter_dir)

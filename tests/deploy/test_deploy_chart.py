@@ -87,6 +87,10 @@ def test_helm_lint_strict_is_clean(helm, chart_dir, gpu_values, values_name):
         ({"replicas": 2}, "replicas"),  # a typo of replicaCount: unknown keys are refused
         ({"registry": {"url": "bucket/adapters"}}, "/registry/url"),  # not a URL
         ({"auth": {"keys": [{"scopes": ["infer"]}]}}, "/auth/keys/0"),  # neither key nor key_sha256
+        ({"auth": {"keys": [{"key": "k" * 16, "scopes": ["metric"]}]}}, "/auth/keys/0/scopes/0"),
+        ({"serviceMonitor": {"bearerTokenSecret": {"name": "metrics-key"}}}, "/serviceMonitor/bearerTokenSecret"),
+        ({"serviceMonitor": {"bearerTokenSecret": {"name": "k", "key": "t", "token": "x"}}},
+         "/serviceMonitor/bearerTokenSecret"),
         (
             {"inferenceExtension": {"objectives": [{"name": "Bad_Name"}]}},
             "/inferenceExtension/objectives/0/name",
@@ -107,6 +111,7 @@ def test_bad_values_fail_the_schema(helm, chart, chart_dir, bad_values, where):
 def test_values_files_pass_the_schema(chart, gpu_values):
     chart.validate_schema(None)
     chart.validate_schema(gpu_values)
+    chart.validate_schema({"auth": {"keys": [{"key": "m" * 16, "scopes": ["metrics"], "adapters": ["team-a-*"]}]}})
 
 
 @pytest.mark.parametrize(
@@ -115,6 +120,8 @@ def test_values_files_pass_the_schema(chart, gpu_values):
         ({"preStopSleepSeconds": 30, "terminationGracePeriodSeconds": 20}, "terminationGracePeriodSeconds"),
         ({"registry": {"persistence": {"enabled": False}}}, "registry.url"),
         ({"inferenceExtension": {"enabled": True}}, "endpointPicker.serviceName"),
+        # /metrics needs a key when auth is on: a ServiceMonitor without one would only collect 401s.
+        ({"serviceMonitor": {"enabled": True}}, "serviceMonitor.bearerTokenSecret"),
     ],
 )
 def test_inconsistent_values_fail_to_render(helm, render, values, message):
@@ -374,14 +381,23 @@ def test_hpa_scales_on_cpu_and_queue_depth(gpu_render):
     assert "replicas" not in gpu_render.one("Deployment")["spec"]  # the HPA owns the count
 
 
-def test_service_monitor_scrapes_metrics(gpu_render):
+def test_service_monitor_scrapes_metrics(gpu_render, gpu_values):
     monitor = gpu_render.one("ServiceMonitor")
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
+    # auth is on: the scrape carries a key (metrics scope) from the given Secret
+    assert endpoint["authorization"] == {"type": "Bearer",
+                                         "credentials": gpu_values["serviceMonitor"]["bearerTokenSecret"]}
     service = gpu_render.one("Service")
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_service_monitor_without_auth_sends_no_token(render):
+    monitor = render({"auth": {"enabled": False}, "serviceMonitor": {"enabled": True}}).one("ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics" and "authorization" not in endpoint
 
 
 def test_pdb_network_policy_and_spread(gpu_render):

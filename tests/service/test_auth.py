@@ -1,5 +1,6 @@
 """API keys: parsing, hashing, the public-bind refusal, and the authorization matrix
-(every endpoint x {no key, bad key, infer key allowed, infer key not allowed, admin}) on tiny models."""
+(every endpoint x {no key, bad key, infer key allowed, infer key not allowed, admin}) on tiny models.
+The `metrics` scope and what a key sees of other tenants: tests/service/test_tenant_isolation.py."""
 
 from __future__ import annotations
 
@@ -152,6 +153,7 @@ INFER_ONLY = {"none": 401, "bad": 401, "infer_allowed": 200, "infer_denied": 403
 ADMIN_ONLY = {"none": 401, "bad": 401, "infer_allowed": 403, "infer_denied": 403, "admin": 200}
 ANY_KEY = {"none": 401, "bad": 401, "infer_allowed": 200, "infer_denied": 403, "admin": 200}
 LISTING = {"none": 401, "bad": 401, "infer_allowed": 200, "infer_denied": 200, "admin": 200}
+METRICS = ADMIN_ONLY  # a `metrics` or `admin` key (metrics keys: tests/service/test_tenant_isolation.py)
 OPEN = dict.fromkeys(WHO, 200)
 
 
@@ -202,7 +204,7 @@ ENDPOINTS = {
     "POST /v1/unload_lora_adapter": (_vllm_unload, ADMIN_ONLY),
     "GET /health": (lambda c, n, h: c.get("/health", headers=h), OPEN),
     "GET /ready": (lambda c, n, h: c.get("/ready", headers=h), OPEN),
-    "GET /metrics": (lambda c, n, h: c.get("/metrics", headers=h), OPEN),
+    "GET /metrics": (lambda c, n, h: c.get("/metrics", headers=h), METRICS),
 }
 # Generation endpoints (service/api/openai.py): without a decoder base the auth answers are still checked;
 # a 2xx is not expected here (no generation engine), only that the key is refused or let through.
@@ -288,4 +290,5 @@ def test_auth_on_without_keys_refuses_everything_but_probes(world):
     with TestClient(create_app(settings)) as c:
         _error(c.get("/v1/models"), 401)
         _error(_classify(c, "sentiment", bearer(INFER)), 401)
+        _error(c.get("/metrics"), 401)
         assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
