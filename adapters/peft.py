@@ -184,9 +184,11 @@ def default_scale(config: dict[str, Any]) -> float:
 
 
 def _in_modules_to_save(path: str, modules: list[str]) -> bool:
+    """PEFT's rule (peft.utils.other._set_trainable): a module is saved in full when its path ends with an
+    entry, as plain text: `classifier` also matches DistilBERT's `pre_classifier`. `path` may be inside it."""
     parts = path.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(p == m or p.endswith("." + m) for p in prefixes for m in modules)
+    return any(p.endswith(m) for p in prefixes for m in modules)
 
 
 def base_path(path: str, modules: dict[str, Any] | None) -> str:

@@ -81,10 +81,10 @@ def adapter_specs(family: str) -> list[tuple]:
                 (listed, 2, 5, {"lora_bias": True})]  # fmt: skip
     # PEFT cannot apply all-linear to DistilBERT SEQ_CLS (pre_classifier gets LoRA, then PEFT's modules_to_save
     # suffix rule wraps it again), so its linears are listed. That rule ("classifier" ends "pre_classifier")
-    # also saves pre_classifier whole, which adapters/peft.py only reads when it is named: so it is.
+    # also saves pre_classifier whole with PEFT's defaults (the first adapter); the others name it.
     every = ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
     keep = {"modules_to_save": ["pre_classifier"]}
-    return [(every, 4, 3, keep), (every, 8, 2, {**keep, "use_dora": True}),
+    return [(every, 4, 3, {}), (every, 8, 2, {**keep, "use_dora": True}),
             (listed, 2, 5, {**keep, "lora_bias": True})]  # fmt: skip
 
 
