@@ -243,22 +243,3 @@ def test_generation_requests_are_counted_and_unknown_refs_mint_no_labels(server,
     assert counts[("_other_", "generation", "404")] >= 3
     assert not any("junk" in adapter for adapter, _, _ in counts)
 
-
-def test_long_chat_prompts_do_not_stall_the_event_loop(server):
-    """Eight 750 KB chat messages at once (refused after tokenizing: far over the context) while /health is
-    polled: tokenization runs off the event loop, so /health keeps answering within 100 ms."""
-    import concurrent.futures
-
-    body = {"model": "alpha", "messages": [{"role": "user", "content": "word " * 150_000}], "max_tokens": 1}
-    latencies: list[float] = []
-    with httpx.Client(base_url=server, timeout=120) as probe, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(httpx.post, f"{server}/v1/chat/completions", json=body, timeout=120)
-                   for _ in range(8)]  # fmt: skip
-        while not all(f.done() for f in futures):
-            started = time.perf_counter()
-            assert probe.get("/health").status_code == 200
-            latencies.append(time.perf_counter() - started)
-            time.sleep(0.02)
-        statuses = [f.result().status_code for f in futures]
-    assert statuses == [400] * 8 and len(latencies) >= 5
-    assert max(latencies) < 0.1, sorted(latencies)[-5:]
