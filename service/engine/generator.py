@@ -18,9 +18,10 @@ from torch import nn
 
 from adapters.errors import LoraswapError
 from service.engine.cuda_graphs import DecodeGraphs
+from service.engine.decoders import decoder_for
 from service.engine.kv_cache import KVCache
 from service.engine.lora_model import inject_multi_lora
-from service.engine.model_runner import ModelRunner, decoder_for
+from service.engine.model_runner import ModelRunner
 from service.engine.packed_linear import pack_block_linears
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler
@@ -142,11 +143,16 @@ class GeneratorEngine:
         self.model, self.tokenizer, self.base_info = model, tokenizer, base_info
         self.device = torch.device(device)  # the adapter manager pins host weights for a CUDA engine
         self.num_slots, self.max_rank = num_slots, max_rank
-        self.max_model_len, self.max_waiting = max_model_len, max_waiting
+        self.max_waiting = max_waiting
         # Targets None = every linear inside the transformer blocks (q/k/v/o and MLP), never lm_head.
         self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
         pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
-        dec = decoder_for(model)
+        dec = decoder_for(model)  # refuses a family or feature the runner would not serve exactly
+        if dec.max_positions is not None and max_model_len > dec.max_positions:
+            log.warning("%s is served exactly up to %d positions only: max_model_len %d -> %d",
+                        model.config.model_type, dec.max_positions, max_model_len, dec.max_positions)  # fmt: skip
+            max_model_len = dec.max_positions
+        self.max_model_len = max_model_len
         self.kv_cache = KVCache(
             len(dec.blocks),
             dec.num_kv_heads,
