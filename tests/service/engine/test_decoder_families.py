@@ -26,6 +26,7 @@ from adapters.format import import_peft_folder, read_adapter
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.decoders import DECODERS, decoder_for
 from service.engine.generator import GeneratorEngine
+from service.engine.model_runner import attend, attention_mask, decode_bias
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence
 
@@ -257,6 +258,30 @@ def test_bf16_engine_tracks_fp32(family: str) -> None:
             assert got.dtype == torch.float32
             err = float((got - want).norm() / want.norm())
             assert err < 0.1, err  # bf16 rounding: 0.013-0.033 measured on these tiny models
+
+
+@pytest.mark.parametrize("T", [1, 5])  # decode (the additive-bias path) and prefill (the bool-mask path)
+def test_softcapped_window_attention_matches_hf_eager(T: int) -> None:
+    """attend + attention_mask with a soft-cap and a sliding window equal Gemma2's own eager attention
+    under HF's sliding-window mask, GQA folded into the query axis as the runner does."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    torch.manual_seed(0)
+    B, H, Hkv, hd, span, window, cap = 3, 4, 2, 8, 14, 4, 2.0
+    G = H // Hkv
+    q, k, v = torch.randn(B, H, T, hd) * 3, torch.randn(B, Hkv, span, hd) * 3, torch.randn(B, Hkv, span, hd)
+    positions = torch.tensor([[13], [6], [9]]) - T + 1 + torch.arange(T)  # rows end at 13, 6 and 9
+    mask = attention_mask(positions, span, G, window)
+    bias = decode_bias(mask, torch.float32) if T == 1 else None
+    got = attend(q.reshape(B, Hkv, G * T, hd), k, v, mask, bias, 0.3, cap).view(B, H, T, hd)
+    j, p = torch.arange(span).view(1, 1, span), positions.unsqueeze(-1)
+    allowed = ((j <= p) & (j > p - window)).unsqueeze(1)  # [B, 1, T, span]: HF's sliding-window mask
+    additive = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    module = SimpleNamespace(num_key_value_groups=G, training=False, head_dim=hd)
+    want, _ = eager_attention_forward(module, q, k, v, additive, scaling=0.3, softcap=cap)
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    uncapped = attend(q.reshape(B, Hkv, G * T, hd), k, v, mask, bias, 0.3).view(B, H, T, hd)
+    assert (uncapped - want.transpose(1, 2)).abs().max() > 0.1  # the cap matters at these magnitudes
 
 
 def test_sliding_window_is_what_the_tokens_depend_on() -> None:
