@@ -26,6 +26,7 @@ from adapters.format import import_peft_folder, read_adapter
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.decoders import DECODERS, decoder_for
 from service.engine.generator import GeneratorEngine
+from service.engine.lora import MultiLoraLinear
 from service.engine.model_runner import attend, attention_mask, decode_bias
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence
@@ -298,6 +299,15 @@ def test_unsupported_family_is_refused_with_the_supported_list() -> None:
     for family in [*FAMILIES, "llama", "gpt2"]:
         assert repr(family) in str(info.value)
     assert set(DECODERS) == {*FAMILIES, "llama", "gpt2"}
+
+
+def test_engine_refuses_an_unsupported_family_before_changing_the_model() -> None:
+    config = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, vocab_size=64)  # fmt: skip
+    model = transformers.GPTNeoXForCausalLM(config)
+    with pytest.raises(ValueError, match=r"unsupported decoder 'gpt_neox'; supported: \[.*'gemma2'.*'phi3'"):
+        GeneratorEngine(model, byte_tokenizer(), None)
+    assert not any(isinstance(m, MultiLoraLinear) for m in model.modules())  # no LoRA wrapping happened
 
 
 def test_unservable_features_are_refused() -> None:
