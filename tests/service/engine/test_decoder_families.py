@@ -56,7 +56,7 @@ FAMILIES = {
             "attn_logit_softcapping": 4.0,
             "final_logit_softcapping": 6.0,
             "tie_word_embeddings": False,
-        },  # fmt: skip
+        },
         ["q_proj", "v_proj", "o_proj", "down_proj"],
     ),
     # Partial rotary (half of each head rotated) and a window on every layer.
