@@ -114,6 +114,33 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def oracle(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """HF `generate`, greedy, `n` new tokens for one prompt alone: what a served greedy request must equal."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+async def collect(engine, prompt: list[int], params, slot: int = 0) -> tuple[list[int], str, str | None]:
+    """(token ids, text, finish reason) of one request streamed from a GeneratorEngine."""
+    ids, text, reason = [], "", None
+    async for delta in engine.generate(prompt, params, slot):
+        ids += delta.token_ids
+        text += delta.text
+        reason = delta.finish_reason
+    return ids, text, reason
+
+
+def greedy(n: int, **kw):
+    """Greedy sampling for exactly `n` tokens (EOS ignored, as the oracle runs to max_new_tokens)."""
+    from service.engine.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
 def openai_error(resp, status: int, code: str | None = None) -> dict:
     """Assert `resp` is the documented error: `status`, body `{"error": {message, type, param, code}}`, the
     expected `code` when given, and a Bearer challenge on 401/403. Returns the error object."""

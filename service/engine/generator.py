@@ -18,9 +18,10 @@ from torch import nn
 
 from adapters.errors import LoraswapError
 from service.engine.cuda_graphs import DecodeGraphs
+from service.engine.decoders import decoder_for
 from service.engine.kv_cache import KVCache
 from service.engine.lora_model import inject_multi_lora
-from service.engine.model_runner import ModelRunner, decoder_for
+from service.engine.model_runner import ModelRunner
 from service.engine.packed_linear import pack_block_linears
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler
@@ -134,11 +135,18 @@ class GeneratorEngine:
         cuda_graphs: bool = True,
     ) -> None:
         model = model.to(device=device, dtype=dtype).eval()
+        # Before anything changes the model: refuse a family or feature the runner would not serve exactly.
+        # This decoder is read for sizes only; the runner builds its own over the wrapped linears.
+        dec = decoder_for(model)
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(
             model.config, "n_positions", None
         )
         if limit:
             max_model_len = min(max_model_len, limit)
+        if dec.max_positions is not None and max_model_len > dec.max_positions:
+            log.warning("%s is served exactly up to %d positions only: max_model_len %d -> %d",
+                        model.config.model_type, dec.max_positions, max_model_len, dec.max_positions)  # fmt: skip
+            max_model_len = dec.max_positions
         self.model, self.tokenizer, self.base_info = model, tokenizer, base_info
         self.device = torch.device(device)  # the adapter manager pins host weights for a CUDA engine
         self.num_slots, self.max_rank = num_slots, max_rank
@@ -146,7 +154,6 @@ class GeneratorEngine:
         # Targets None = every linear inside the transformer blocks (q/k/v/o and MLP), never lm_head.
         self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
         pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
-        dec = decoder_for(model)
         self.kv_cache = KVCache(
             len(dec.blocks),
             dec.num_kv_heads,

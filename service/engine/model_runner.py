@@ -1,125 +1,23 @@
 """Tensors in, tokens out: runs a Hugging Face decoder's own modules (embeddings, norms, LoRA-wrapped
 linears, MLPs, lm_head) layer by layer, with attention written here over the engine's KV cache.
+What differs between decoder families is in decoders.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.engine.decoders import decoder_for
 from service.engine.kv_cache import KVCache
 from service.engine.lora import SlotGroups
 from service.engine.lora_model import LoraSlots
 from service.engine.packed_linear import PackedLinear, can_pack
 from service.engine.sampling import sample
 from service.engine.sequence import Sequence
-
-QKV = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
-
-
-@dataclass
-class Block:
-    """One transformer block as the runner needs it; every callable is the model's own module."""
-
-    norm1: nn.Module
-    qkv: QKV  # h [B, T, hidden] -> q [B, T, H*hd], k, v [B, T, Hkv*hd]
-    out_proj: nn.Module
-    norm2: nn.Module
-    mlp: nn.Module
-    scaling: float
-
-
-class Decoder:
-    """What differs between decoder families: embeddings, positions, the q/k/v projection."""
-
-    blocks: list[Block]
-    final_norm: nn.Module
-    lm_head: nn.Module
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Token (+ position) embeddings, and the rotary (cos, sin) for `positions` if the family uses RoPE."""
-        raise NotImplementedError
-
-
-class LlamaDecoder(Decoder):
-    """Llama family (SmolLM2): RMSNorm, GQA, RoPE, separate q/k/v projections, gated MLP."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        cfg = model.config
-        inner = model.model
-        self.inner, self.apply_rope = inner, apply_rotary_pos_emb
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.blocks = [
-            Block(
-                norm1=layer.input_layernorm,
-                qkv=self._qkv(layer.self_attn),
-                out_proj=layer.self_attn.o_proj,
-                norm2=layer.post_attention_layernorm,
-                mlp=layer.mlp,
-                scaling=layer.self_attn.scaling,
-            )
-            for layer in inner.layers
-        ]
-        self.final_norm, self.lm_head = inner.norm, model.lm_head
-
-    @staticmethod
-    def _qkv(attn: nn.Module) -> QKV:
-        # Read the projections at call time: LoRA injection may replace them after construction.
-        return lambda h: (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
-
-    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        x = self.inner.embed_tokens(input_ids)
-        return x, self.inner.rotary_emb(x, positions)
-
-
-class GPT2Decoder(Decoder):
-    """GPT-2: LayerNorm, learned positions, one fused Conv1D c_attn for q/k/v, no RoPE."""
-
-    def __init__(self, model: nn.Module) -> None:
-        cfg = model.config
-        inner = model.transformer
-        self.inner = inner
-        self.num_heads = self.num_kv_heads = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.blocks = [
-            Block(
-                norm1=layer.ln_1,
-                qkv=self._qkv(layer.attn, cfg.n_embd),
-                out_proj=layer.attn.c_proj,
-                norm2=layer.ln_2,
-                mlp=layer.mlp,
-                scaling=layer.attn.scaling,
-            )
-            for layer in inner.h
-        ]
-        self.final_norm, self.lm_head = inner.ln_f, model.lm_head
-
-    @staticmethod
-    def _qkv(attn: nn.Module, hidden: int) -> QKV:
-        return lambda h: attn.c_attn(h).split(hidden, dim=-1)
-
-    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        return self.inner.wte(input_ids) + self.inner.wpe(positions), None
-
-
-DECODERS: dict[str, type[Decoder]] = {"llama": LlamaDecoder, "gpt2": GPT2Decoder}
-
-
-def decoder_for(model: nn.Module) -> Decoder:
-    model_type = model.config.model_type
-    if model_type not in DECODERS:
-        raise ValueError(f"unsupported decoder {model_type!r}; supported: {sorted(DECODERS)}")
-    return DECODERS[model_type](model)
 
 
 def output_projection(lm_head: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -138,16 +36,35 @@ def decode_bias(mask: Tensor, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, scale: float, softcap: float | None = None
+) -> Tensor:
     """softmax(q k^T * scale, masked) v. With `bias` (CPU decode, one query per head: the kernel reads
     the whole cache span for a few query rows) two matmuls and a softmax, ~40 % faster than CPU
     `scaled_dot_product_attention` at SmolLM2-135M decode shapes, 16 rows x ~110 positions
-    (benchmarks/README.md); everything else goes to `scaled_dot_product_attention`. Every query sees at
-    least its own position, so no row of the softmax is all -inf."""
-    if bias is None:
+    (benchmarks/README.md); everything else goes to `scaled_dot_product_attention`, except soft-capped
+    scores (softcap * tanh(scores / softcap), Gemma2), which SDPA cannot compute: those take the matmul path
+    in the order HF's eager attention uses (cap, then mask, softmax in fp32). Every query sees at least its
+    own position, so no row of the softmax is all -inf."""
+    if bias is None and softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
-    return torch.matmul(scores.softmax(-1), v)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    scores = scores.add_(bias) if bias is not None else scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def attention_mask(positions: Tensor, span: int, groups: int, window: int | None) -> Tensor:
+    """mask[b, 0, g*T + t, j]: query t of row b sees cache position j iff j <= its own position p (causal,
+    and hides whatever an earlier owner or right padding left beyond the row's length) and, with a sliding
+    `window`, j > p - window (HF's sliding-window mask). The G query heads sharing a KV head repeat it."""
+    j = torch.arange(span, device=positions.device).view(1, 1, span)
+    p = positions.unsqueeze(-1)
+    mask = j <= p
+    if window is not None:
+        mask &= j > p - window
+    return mask.unsqueeze(1).repeat(1, 1, groups, 1) if groups > 1 else mask.unsqueeze(1)  # [B, 1, G*T, span]
 
 
 class ModelRunner:
@@ -205,7 +122,7 @@ class ModelRunner:
         else:
             with self.slots.use_static(slot_ids):
                 hidden = self._layers(ids, positions, rows, span=span)
-        return self.lm_head(self.decoder.final_norm(hidden[:, 0])).float()
+        return self._logits(hidden[:, 0])
 
     def _forward(self, seqs: list[Sequence], ids: Tensor, positions: Tensor, last: Tensor) -> Tensor:
         dev = self.device
@@ -227,7 +144,15 @@ class ModelRunner:
         hidden = hidden[
             torch.arange(len(seqs), device=dev), last.to(dev)
         ]  # [B, hidden]: lm_head on 1 token/row
-        return self.lm_head(self.decoder.final_norm(hidden)).float()
+        return self._logits(hidden)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """fp32 logits from the last hidden states; soft-capped in the model's dtype where the family caps."""
+        logits = self.lm_head(self.decoder.final_norm(hidden))
+        cap = self.decoder.logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
 
     def _layers(
         self, ids: Tensor, positions: Tensor, rows: slice, layout: SlotGroups | None = None, span: int | None = None
@@ -254,11 +179,15 @@ class ModelRunner:
         static = span is not None
         if span is None:
             span = int(positions.max()) + 1  # cache positions any query of this batch may see
-        # mask[b, t, j]: query t of row b sees cache position j iff j <= its own position (causal, and
-        # hides whatever an earlier owner or right padding left beyond the row's length).
-        mask = torch.arange(span, device=ids.device).view(1, 1, span) <= positions.unsqueeze(-1)
-        mask = mask.unsqueeze(1).repeat(1, 1, G, 1) if G > 1 else mask.unsqueeze(1)  # [B, 1, G*T, span]
-        bias = decode_bias(mask, x.dtype) if T == 1 else None
+        # One mask per distinct sliding window (a window no position can reach is full attention), and its
+        # additive form for the CPU fp32 decode path, built once per forward and shared by the blocks.
+        masks: dict[int | None, tuple[Tensor, Tensor | None]] = {}
+        for window in {blk.window for blk in d.blocks}:
+            key = window if window is not None and window < span else None
+            if key not in masks:
+                mask = attention_mask(positions, span, G, key)
+                masks[key] = mask, decode_bias(mask, x.dtype) if T == 1 else None
+            masks[window] = masks[key]
         first = 0 if static else int(positions[:, 0].min())
         uniform_start = not static and bool((positions[:, 0] == first).all())
         for layer, blk in enumerate(d.blocks):
@@ -266,8 +195,10 @@ class ModelRunner:
             q, k, v = blk.qkv(h)
             if layout is not None:
                 q, k, v = (t.index_select(0, layout.index) for t in (q, k, v))
-            q = q.view(B, T, H, hd).transpose(1, 2)
-            k = k.view(B, T, Hkv, hd).transpose(1, 2)
+            q, k = q.view(B, T, H, hd), k.view(B, T, Hkv, hd)
+            if blk.q_norm is not None:  # per head, before RoPE (Qwen3)
+                q, k = blk.q_norm(q), blk.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(B, T, Hkv, hd).transpose(1, 2)
             if rope is not None:
                 q, k = d.apply_rope(q, k, *rope)
@@ -281,10 +212,15 @@ class ModelRunner:
                 v_cache.transpose(1, 2)[b, positions] = v.transpose(1, 2)
             # [B, H, T, hd] -> [B, Hkv, G*T, hd]: query heads h*G..h*G+G-1 share KV head h.
             qg = q.reshape(B, Hkv, G * T, hd)
-            out = attend(qg, k_cache[:, :, :span], v_cache[:, :, :span], mask, bias, blk.scaling)
+            mask, bias = masks[blk.window]
+            out = attend(qg, k_cache[:, :, :span], v_cache[:, :, :span], mask, bias, blk.scaling, blk.softcap)
             out = out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
             if layout is not None:
                 out = out.new_zeros(x.shape[0], T, H * hd).index_copy_(0, layout.index, out)
-            x = x + blk.out_proj(out)
-            x = x + blk.mlp(blk.norm2(x))
+            x = x + _maybe(blk.post_attn_norm, blk.out_proj(out))
+            x = x + _maybe(blk.post_mlp_norm, blk.mlp(blk.norm2(x)))
         return x if layout is None else x.index_select(0, layout.index)
+
+
+def _maybe(norm: nn.Module | None, x: Tensor) -> Tensor:
+    return x if norm is None else norm(x)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import randomize_adapter
+from factories import collect, greedy, oracle, randomize_adapter
 from numerics import decoder_reduction, reorder_atol
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -130,28 +130,6 @@ def make_adapters(base: torch.nn.Module, arch: str, work: Path, base_info) -> li
         import_peft_folder(folder, f"a{i}", "tiny", base_info, task="generation")
         out.append((peft_model, read_adapter(folder, base_info, max_rank=8)))
     return out
-
-
-def oracle(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt], device=next(model.parameters()).device)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-async def collect(engine: GeneratorEngine, prompt: list[int], params: SamplingParams, slot: int = 0):
-    ids, text, reason = [], "", None
-    async for delta in engine.generate(prompt, params, slot):
-        ids += delta.token_ids
-        text += delta.text
-        reason = delta.finish_reason
-    return ids, text, reason
-
-
-def greedy(n: int, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
 
 
 @pytest.fixture(params=["llama", "gpt2"])
