@@ -16,7 +16,7 @@ from service.engine.kv_cache import KVCache
 from service.engine.lora import SlotGroups
 from service.engine.lora_model import LoraSlots
 from service.engine.packed_linear import PackedLinear, can_pack
-from service.engine.sampling import sample
+from service.engine.sampling import RowFailedError, sample_rows
 from service.engine.sequence import Sequence
 
 
@@ -86,12 +86,13 @@ class ModelRunner:
         self.graphs = None  # DecodeGraphs (cuda_graphs.py) when the engine replays decode from CUDA graphs
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | RowFailedError]:
+        """One step: each sequence's next token, or the error that ends that sequence alone."""
         if is_prefill:
             logits = self.prefill(seqs)
         else:
             logits = self.decode(seqs) if self.graphs is None else self.graphs.logits(seqs)
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     def prefill(self, seqs: list[Sequence]) -> Tensor:
         """All uncached tokens of each sequence, right-padded to one [B, T] batch; logits of the last real token."""

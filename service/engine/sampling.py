@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from adapters.errors import LoraswapError
+
 
 @dataclass
 class SamplingParams:
@@ -89,3 +91,34 @@ def sample(
         choice = order.gather(1, choice)
     tokens[idx] = choice.squeeze(1).to(tokens.dtype)
     return tokens.tolist()
+
+
+class RowFailedError(LoraswapError):
+    """One row of a step could not give a token (non-finite logits, a sampling error): its request ends
+    with this, the step's other rows go on. Not retryable: the same input fails the same way."""
+
+    status = 500
+
+
+def sample_rows(
+    logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int | RowFailedError]:
+    """`sample`, with each row's failure kept to that row: a row whose logits are not all finite (a broken
+    adapter or an overflow) or whose sampling raises gets a RowFailedError instead of a token."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    out: list[int | RowFailedError] = [
+        RowFailedError("the model produced non-finite logits for this request") for _ in finite
+    ]
+    ok = [i for i, f in enumerate(finite) if f]
+    try:
+        rows = torch.tensor(ok, device=logits.device)
+        tokens = sample(logits.index_select(0, rows), [params[i] for i in ok], [generators[i] for i in ok])
+        for i, token in zip(ok, tokens, strict=True):
+            out[i] = token
+    except Exception:  # noqa: BLE001 - find the row that failed; each of the others still gets its token
+        for i in ok:
+            try:
+                out[i] = sample(logits[i : i + 1], [params[i]], [generators[i]])[0]
+            except Exception as exc:  # noqa: BLE001 - reported to that request only
+                out[i] = RowFailedError(f"sampling failed for this request: {exc}")
+    return out

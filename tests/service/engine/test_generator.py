@@ -515,3 +515,30 @@ def test_bf16_engine_tracks_fp32(arch: str) -> None:
         without = ref.runner.decode(seqs_ref)  # the same step with no LoRA: what a dropped adapter would give
     for row in (0, 2):  # the adapter rows move by far more than the bf16 tolerance (~1.4 measured)
         assert float((without[row] - want[row]).norm() / want[row].norm()) > 0.5
+
+
+async def test_a_failing_row_ends_its_own_request_only(tmp_path: Path) -> None:
+    """One request whose sampling fails (a top_k torch cannot take) and one on an adapter with NaN weights
+    share steps with three others: those two fail with their own cause, the others get PEFT's tokens."""
+    from service.engine.sampling import RowFailedError
+
+    engine, base = make_engine("llama")
+    adapters = make_adapters(base, "llama", tmp_path, engine.base_info)
+    engine.load_slot(1, adapters[0][1])
+    broken = {path: LoraModule(m.A, torch.full_like(m.B, float("nan")), m.scale)
+              for path, m in adapters[1][1].lora.items()}  # fmt: skip
+    engine.slots.load(2, broken)  # what validation refuses, forced in: the engine must still contain it
+    prompts = [[5, 6, 7], [9, 9, 9, 9], [1, 2], [3, 4, 5, 6, 7], [8, 8]]
+    poisoned = SamplingParams(max_tokens=6, temperature=1.0, top_k=2**63, top_p=0.9, ignore_eos=True)
+    runs = [collect(engine, prompts[0], greedy(6), 1), collect(engine, prompts[1], poisoned, 0),
+            collect(engine, prompts[2], greedy(6), 0), collect(engine, prompts[3], greedy(6), 2),
+            collect(engine, prompts[4], greedy(6), 1)]  # fmt: skip
+    try:
+        got = await asyncio.gather(*runs, return_exceptions=True)
+    finally:
+        engine.stop()
+    assert isinstance(got[1], RowFailedError) and "sampling failed" in str(got[1])
+    assert isinstance(got[3], RowFailedError) and "non-finite" in str(got[3])
+    assert got[0][0] == oracle(adapters[0][0], prompts[0], 6) and got[4][0] == oracle(adapters[0][0], prompts[4], 6)
+    assert got[2][0] == oracle(base, prompts[2], 6)
+    assert engine.running == 0 and engine.kv_cache_usage == 0.0
