@@ -74,7 +74,7 @@ def _markdown(result: dict) -> str:
         f" {flood['characters']} characters at once (truncated to {s['max_length']} tokens), key B one word every"
         f" {s['small_period_s'] * 1e3:.0f} ms until A is served; the service's batcher defaults",
         "",
-        "| policy | B's requests | B p50 ms | B p99 ms | B max ms | A's flood done in s |",
+        "| case | B's requests | B p50 ms | B p99 ms | B max ms | A's flood done in s |",
         "|---|---|---|---|---|---|",
     ]
     for r in result["cases"]:

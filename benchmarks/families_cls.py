@@ -111,7 +111,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         families.append(_family(name, config, device, quick))
         print(f"families_cls: {name} done", file=sys.stderr, flush=True)
     result = {
-        "suite": "families_cls",
+        "suite": "families-cls",
         "quick": quick,
         "machine": machine,
         "setup": {"dtype": "float32", **dict(zip(("hidden", "layers", "heads", "intermediate"), _dims(quick), strict=True)),
@@ -126,7 +126,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
 def _markdown(result: dict) -> str:
     s = result["setup"]
     lines = [
-        f"# families_cls benchmark ({'quick' if result['quick'] else 'full'})",
+        f"# families-cls benchmark ({'quick' if result['quick'] else 'full'})",
         "",
         machine_markdown(result["machine"], s["dtype"]),
         f"- random configs: hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, intermediate"
@@ -135,12 +135,12 @@ def _markdown(result: dict) -> str:
         "- speedup = HF `model(**batch)` time / ours at the same batch (> 1: ours is faster); the HF model has"
         " no adapters, so the adapter rows also show what serving LoRA costs",
         "",
-        "| family | engine path | case | median ms | seq/s | speedup vs HF |",
+        "| case | family | engine path | median ms | seq/s | speedup vs HF |",
         "|---|---|---|---|---|---|",
     ]
     for f in result["families"]:
         for r in f["rows"]:
-            lines.append(f"| {f['family']} | {f['path']} | {r['case']} | {r['median_ms']:.2f} |"
+            lines.append(f"| {r['case']} | {f['family']} | {f['path']} | {r['median_ms']:.2f} |"
                          f" {r['seq_per_s']:.1f} | {r['speedup_vs_hf']:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
