@@ -9,9 +9,8 @@ import concurrent.futures
 import time
 
 import httpx
-from live import live_server
-
 from e2e.tiny_world import build_world, env_for
+from live import live_server
 
 
 def test_eight_750_kb_chats_leave_health_under_100_ms(tmp_path):
