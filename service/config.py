@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=1)
     max_wait_ms: float = Field(2.0, ge=0)
     max_queue: int = Field(1024, ge=1)
-    max_tenant_tokens: int = Field(1 << 18, ge=1, description="classification tokens one API key may have queued")
+    max_tenant_tokens: int = Field(1 << 18, ge=1, description="tokens one API key may have queued for"
+                                   " classification, and prompt tokens in flight for generation (then 429)")
     shared_batch_tokens: int = Field(512, ge=1, description="padded tokens per classification batch while"
                                      " several API keys wait: what a newcomer waits at most for the running one")
     max_length: int = Field(256, ge=8, description="tokens per classification input (longer are truncated)")

@@ -160,4 +160,4 @@ def _build_generator(s: Settings):
     log.info("decoder base %s loaded on %s (%s)", s.decoder_base, device, dtype)
     return GeneratorEngine(model, tokenizer, info, num_slots=s.max_gpu_adapters + 1, max_rank=s.max_rank,
                            max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len, device=device, dtype=dtype,
-                           cuda_graphs=s.cuda_graphs)
+                           cuda_graphs=s.cuda_graphs, max_tenant_tokens=s.max_tenant_tokens)

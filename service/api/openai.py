@@ -24,6 +24,7 @@ from service.api.errors import APIError, ErrorBody
 from service.api.inputs import SEED_MAX, SEED_MIN, TOP_K_MAX, Ref, Short, check_text
 from service.engine.generator import Delta, EngineOverloadedError
 from service.engine.sampling import SamplingParams
+from service.limits import tenant_of
 
 router = APIRouter(tags=["openai"])
 log = logging.getLogger("loraswap.openai")
@@ -236,6 +237,7 @@ class _Run:
 
     def __init__(self, ctx, engine, model: str, request: Request) -> None:
         self.ctx, self.engine, self.model = ctx, engine, model
+        self.tenant = tenant_of(request)
         # What the access log and loraswap_requests_total see (service/app.py RequestMetrics).
         self.log_fields = request.state.log_fields = {
             **(getattr(request.state, "log_fields", None) or {}), "adapter": model, "task": "generation"}
@@ -249,7 +251,7 @@ class _Run:
             lease = await self.stack.enter_async_context(self.ctx.managers["generation"].lease(self.model))
             self.adapter = self.log_fields["resolved_adapter"] = lease.name or self.model
             self.deltas = await self.stack.enter_async_context(
-                contextlib.aclosing(self.engine.generate(prompt_ids, params, lease.slot))
+                contextlib.aclosing(self.engine.generate(prompt_ids, params, lease.slot, self.tenant))
             )
             self.first = await self.deltas.__anext__()
         except EngineOverloadedError as exc:

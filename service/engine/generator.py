@@ -5,6 +5,7 @@ background thread (scheduler → model runner → scheduler); asyncio callers st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -129,6 +130,7 @@ class GeneratorEngine:
         max_model_len: int = 2048,
         max_num_batched_tokens: int = 4096,
         max_waiting: int = 256,
+        max_tenant_tokens: int = 1 << 18,
         targets: str | Seq[str] | None = None,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -151,6 +153,8 @@ class GeneratorEngine:
         self.device = torch.device(device)  # the adapter manager pins host weights for a CUDA engine
         self.num_slots, self.max_rank = num_slots, max_rank
         self.max_model_len, self.max_waiting = max_model_len, max_waiting
+        self.max_tenant_tokens = max_tenant_tokens  # prompt tokens one API key may have in flight
+        self._tenant_tokens: dict[str | None, int] = {}  # event-loop side only: no lock needed
         # Targets None = every linear inside the transformer blocks (q/k/v/o and MLP), never lm_head.
         self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
         pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
@@ -234,10 +238,11 @@ class GeneratorEngine:
 
     # --- requests -------------------------------------------------------------------------------------
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, slot: int = 0
+        self, prompt_ids: list[int], params: SamplingParams, slot: int = 0, tenant: str | None = None
     ) -> AsyncIterator[Delta]:
         """Stream deltas for one request. Raises ValueError (bad prompt/slot) or EngineOverloadedError
-        before the first delta; closing/cancelling the iterator frees the sequence within one step."""
+        before the first delta (also when `tenant`, an API key, already has `max_tenant_tokens` prompt
+        tokens in flight); closing/cancelling the iterator frees the sequence within one step."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot must be in [0, {self.num_slots}), got {slot}")
         if len(prompt_ids) >= self.max_model_len:
@@ -246,7 +251,23 @@ class GeneratorEngine:
             )
         if self.waiting >= self.max_waiting:
             raise EngineOverloadedError(f"{self.waiting} requests are waiting; retry later")
-        seq = Sequence(list(prompt_ids), params, slot)
+        held = self._tenant_tokens.get(tenant, 0)
+        if tenant is not None and held and held + len(prompt_ids) > self.max_tenant_tokens:
+            raise EngineOverloadedError(f"this key has {held} prompt tokens in flight (limit {self.max_tenant_tokens})")
+        self._tenant_tokens[tenant] = held + len(prompt_ids)
+        try:
+            async with contextlib.aclosing(self._generate(Sequence(list(prompt_ids), params, slot, tenant))) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            left = self._tenant_tokens[tenant] - len(prompt_ids)
+            if left:
+                self._tenant_tokens[tenant] = left
+            else:
+                del self._tenant_tokens[tenant]
+
+    async def _generate(self, seq: Sequence) -> AsyncIterator[Delta]:
+        params = seq.params
         stream = _Stream(asyncio.get_running_loop(), Detokenizer(self.tokenizer, seq.token_ids, params.stop))
         self._streams[seq.seq_id] = stream
         self.start()

@@ -29,6 +29,19 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._turn: deque[str | None] = deque()  # tenants in round-robin order for admission
+
+    def waiting_tokens(self, tenant: str | None) -> int:
+        return sum(s.num_prompt_tokens for s in self.waiting if s.tenant == tenant)
+
+    def _next_waiting(self) -> Sequence:
+        """The oldest waiting sequence of the next tenant in turn: one key's burst of long prompts cannot
+        take every free KV row and prefill budget ahead of another key's request (FIFO without tenants)."""
+        tenants = {s.tenant for s in self.waiting}
+        self._turn = deque([t for t in self._turn if t in tenants] + [t for t in dict.fromkeys(
+            s.tenant for s in self.waiting) if t not in self._turn])  # fmt: skip
+        tenant = self._turn[0]
+        return next(s for s in self.waiting if s.tenant == tenant)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -47,11 +60,12 @@ class Scheduler:
         admitted: list[Sequence] = []
         longest = 0
         while self.waiting and self.kv_cache.can_allocate():
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             padded = (len(admitted) + 1) * max(longest, len(seq))
             if admitted and padded > self.max_num_batched_tokens:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            self._turn.rotate(-1)
             self.kv_cache.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

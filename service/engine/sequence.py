@@ -24,7 +24,7 @@ class SequenceStatus(Enum):
 class Sequence:
     """Everything about one request; `token_ids` is prompt + generated so far."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0, tenant: str | None = None) -> None:
         if not prompt_ids:
             raise ValueError("the prompt must contain at least one token")
         self.seq_id = next(_ids)
@@ -32,6 +32,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
         self.slot = slot
+        self.tenant = tenant  # the API key's id: admission takes tenants in turn (None: auth off)
         self.status = SequenceStatus.WAITING
         self.row: int | None = None  # KV cache row while RUNNING
         self.num_cached = 0  # tokens whose K/V are in the cache

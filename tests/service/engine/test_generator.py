@@ -542,3 +542,25 @@ async def test_a_failing_row_ends_its_own_request_only(tmp_path: Path) -> None:
     assert got[0][0] == oracle(adapters[0][0], prompts[0], 6) and got[4][0] == oracle(adapters[0][0], prompts[4], 6)
     assert got[2][0] == oracle(base, prompts[2], 6)
     assert engine.running == 0 and engine.kv_cache_usage == 0.0
+
+
+async def test_a_key_s_prompt_tokens_in_flight_are_bounded() -> None:
+    engine, _ = make_engine("llama", max_tenant_tokens=10)
+    try:
+        first = engine.generate([5] * 8, greedy(30), 0, "a")
+        await first.__anext__()  # admitted: 8 of a's 10 tokens in flight
+        with pytest.raises(EngineOverloadedError, match="prompt tokens in flight"):
+            await collect_tenant(engine, [6] * 3, "a")
+        assert len((await collect_tenant(engine, [6] * 3, "b"))[0]) == 4  # another key is not affected
+        await first.aclose()  # a's tokens come back when its request ends
+        assert len((await collect_tenant(engine, [6] * 3, "a"))[0]) == 4
+    finally:
+        engine.stop()
+
+
+async def collect_tenant(engine: GeneratorEngine, prompt: list[int], tenant: str):
+    ids, reason = [], None
+    async for delta in engine.generate(prompt, greedy(4), 0, tenant):
+        ids += delta.token_ids
+        reason = delta.finish_reason
+    return ids, reason

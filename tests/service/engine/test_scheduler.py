@@ -107,3 +107,16 @@ def test_aborted_mid_step_is_skipped_by_postprocess() -> None:
 def test_prompt_that_fills_the_context_is_refused() -> None:
     with pytest.raises(ValueError, match="context"):
         make(max_len=8).add(seq(8))
+
+
+def test_tenants_are_admitted_in_turn() -> None:
+    """Key a queues four prompts, then key b one: b's prompt takes the second free row, not the fifth."""
+    s = make(rows=2)
+    mk = [Sequence([1, 2, 3], SamplingParams(max_tokens=1), tenant=t) for t in ("a", "a", "a", "a", "b")]
+    for q in mk:
+        s.add(q)
+    batch, prefill = s.schedule()
+    assert prefill and batch == [mk[0], mk[4]]
+    s.postprocess(batch, [7, 7])  # both finish (max_tokens 1): rows free again
+    batch, _ = s.schedule()
+    assert batch == [mk[1], mk[2]]  # only a waits now: its own order
