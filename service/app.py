@@ -11,6 +11,7 @@ import time
 
 import anyio
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import adapters, classify, health, openai
 from service.api.errors import COMMON_ERRORS, error_response, error_responses, install_error_handlers
@@ -51,6 +52,9 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
     app.add_middleware(AdmissionMiddleware, ctx=ctx)
     app.add_middleware(RequestMetrics, ctx=ctx)
     app.add_middleware(JsonOnly)
+    if settings.cors_origins:  # opt-in: a browser app on another origin (its JSON POSTs are preflighted)
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["authorization", "content-type", "x-request-id"])
     _install_optional(app)
     # /health and /ready are open (probes); everything else needs a key when auth is on (routes add scopes;
     # /metrics takes a `metrics` or `admin` key).

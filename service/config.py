@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_concurrent_loads: int = Field(2, ge=1)
     load_on_demand: bool = True
     preload: list[str] = Field(default_factory=list, description="adapter refs loaded at start-up")
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API"
+                                    " (none by default: pages on other origins cannot read answers)")
     watch_interval_s: float = Field(2.0, ge=0, description="registry poll interval; 0 disables the watch")
 
     # Classification batching.
@@ -79,7 +81,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log_level: str = "info"
 
-    @field_validator("preload", mode="before")
+    @field_validator("preload", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, value):
         if isinstance(value, str):  # env var form: "a,b@2"

@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from adapters.errors import LoraswapError
+from service.engine.sampling import RowFailedError
 
 BatchCallback = Callable[[int, int, list[float]], None]
 
@@ -281,6 +283,9 @@ class ClassifyBatcher:
                 pass
         for (request, i), logits in zip(batch, out, strict=True):
             if request.future.done():
+                continue
+            if not bool(torch.isfinite(logits).all()):  # this request's adapter overflowed: it fails alone
+                self._finish(request, RowFailedError(f"the model produced non-finite scores for input {i}"))
                 continue
             request.results[i] = logits
             request.done_rows += 1

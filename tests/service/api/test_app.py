@@ -156,3 +156,15 @@ def test_startup_builds_route_state_so_first_requests_do_not(world, monkeypatch)
         assert c.post("/v1/adapters", json={"adapter": "topic"}).status_code == 200
         assert c.get("/v1/models").status_code == 200
     assert built_at_startup > 0 and len(calls) == built_at_startup
+
+
+def test_cors_is_opt_in(world):
+    """No CORS headers unless an origin is listed; a listed origin's preflighted JSON POST is allowed."""
+    settings = world[0].model_copy(update={"cors_origins": ["https://app.example"]})
+    with TestClient(create_app(settings)) as client:
+        pre = client.options("/v1/classify", headers={"origin": "https://app.example",
+                                                      "access-control-request-method": "POST",
+                                                      "access-control-request-headers": "content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get("/v1/models", headers={"origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

@@ -228,3 +228,19 @@ async def test_a_tenant_s_outstanding_tokens_are_bounded() -> None:
     assert len(other) == 3 and len(await first) == 8
     assert len(await batcher.submit([_text(2, 10)] * 3, slot=1, tenant="a")) == 3  # room again
     await batcher.stop()
+
+
+async def test_a_row_with_non_finite_scores_fails_its_own_request_only() -> None:
+    class NanSlot(FakeEngine):
+        def run(self, rows, slots):
+            return [row * float("nan") if s == 3 else row for row, s in zip(super().run(rows, slots), slots, strict=True)]
+
+    from service.engine.sampling import RowFailedError
+
+    batcher = ClassifyBatcher(NanSlot(), max_batch_size=8, max_wait_ms=20)
+    await batcher.start()
+    got = await asyncio.gather(batcher.submit(["1 7", "2"], 1), batcher.submit(["3"], 3), batcher.submit(["4"], 2),
+                               return_exceptions=True)  # fmt: skip
+    await batcher.stop()
+    assert isinstance(got[1], RowFailedError) and "non-finite" in str(got[1])
+    assert [t.tolist() for t in got[0]] == [[1, 2, 1], [1, 1, 2]] and got[2][0].tolist() == [2, 1, 4]
