@@ -44,6 +44,16 @@ def randomize_adapter(model: torch.nn.Module, std: float, parts: tuple[str, ...]
                 param.normal_(0, std)
 
 
+def randomize_peft(model: torch.nn.Module, std: float = 0.3) -> None:
+    """Random LoRA A/B (and lora_B biases) and modules_to_save heads; DoRA magnitudes scaled around PEFT's
+    ||W|| init (a trained adapter's range), so DoRA's rescale is far from 1 and tested."""
+    randomize_adapter(model, std, ("lora_A", "lora_B", "modules_to_save"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + std * torch.randn_like(param))
+
+
 def make_cls_adapter(base_dir: Path, out_dir: Path, *, num_labels: int, r: int = 4, targets=None,
                      seed: int = 0) -> PeftModel:
     """Save a PEFT SEQ_CLS LoRA adapter with random (non-zero) weights; returns the PEFT model."""
@@ -132,6 +142,25 @@ async def collect(engine, prompt: list[int], params, slot: int = 0) -> tuple[lis
         text += delta.text
         reason = delta.finish_reason
     return ids, text, reason
+
+
+async def run_plan(engine, plan: list[tuple[int, int, int, int]], prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy token ids of every request of `plan` ((slot, prompt length, max_tokens, engine steps to wait
+    before arriving)), run at once on `engine`, which is stopped at the end: late arrivals join running ones."""
+    import asyncio
+
+    async def request(i: int) -> list[int]:
+        slot, _, n, wait_steps = plan[i]
+        while engine.steps < wait_steps:
+            await asyncio.sleep(0.001)
+        ids, _, reason = await collect(engine, prompts[i], greedy(n), slot)
+        assert reason == "length"
+        return ids
+
+    try:
+        return await asyncio.gather(*(request(i) for i in range(len(plan))))
+    finally:
+        engine.stop()
 
 
 def greedy(n: int, **kw):

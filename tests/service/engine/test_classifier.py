@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from factories import randomize_adapter
+from factories import randomize_adapter, randomize_peft
 from transformers import AutoTokenizer
 
 from service.engine.classifier import ClassifierEngine
@@ -233,15 +233,6 @@ HEAD_LORA_SPECS = [
 ]
 
 
-def randomize_trained(model: torch.nn.Module, std: float = 0.3) -> None:
-    """Random LoRA A/B (and lora_B biases) and heads; DoRA magnitudes scaled around PEFT's ||W|| init."""
-    randomize_adapter(model, std, ("lora_A", "lora_B", "modules_to_save"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + std * torch.randn_like(param))
-
-
 def test_lora_on_the_pooler_is_folded_per_slot(tiny_base_dir, kit, tmp_path) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -253,7 +244,7 @@ def test_lora_on_the_pooler_is_folded_per_slot(tiny_base_dir, kit, tmp_path) -> 
         model = kit.load_base(tiny_base_dir, num_labels=labels, ignore_mismatched_sizes=True)
         cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=targets, **extra)
         peft_model = get_peft_model(model, cfg).eval()
-        randomize_trained(peft_model)
+        randomize_peft(peft_model)
         peft_model.save_pretrained(tmp_path / str(slot))
         weights = kit.read_peft_folder(tmp_path / str(slot), labels)
         assert (targets == ["query", "value"]) != ("bert.pooler.dense" in weights.lora), targets

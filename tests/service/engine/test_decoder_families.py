@@ -17,12 +17,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from factories import EOS, byte_tokenizer, collect, greedy, oracle, randomize_adapter
+from factories import EOS, byte_tokenizer, collect, greedy, oracle, randomize_adapter, run_plan
 from numerics import decoder_reduction, reorder_atol
 from peft import LoraConfig, get_peft_model
 
 from adapters.fingerprint import describe_base
 from adapters.format import import_peft_folder, read_adapter
+from adapters.peft import LoraModule
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.decoders import DECODERS, decoder_for
 from service.engine.generator import GeneratorEngine
@@ -167,18 +168,7 @@ async def test_mixed_adapters_match_peft_per_request(family: str, decode: str, t
     plan = [(1, 5, 16, 0), (2, 13, 14, 0), (0, 9, 12, 0), (1, 20, 10, 0), (2, 2, 18, 3), (0, 17, 9, 6)]
     prompts = _prompts([n for _, n, _, _ in plan], seed=11)
 
-    async def request(i: int) -> list[int]:
-        slot, _, n, wait_steps = plan[i]
-        while engine.steps < wait_steps:
-            await asyncio.sleep(0.001)
-        ids, _, reason = await collect(engine, prompts[i], greedy(n), slot)
-        assert reason == "length"
-        return ids
-
-    try:
-        got = await asyncio.gather(*(request(i) for i in range(len(plan))))
-    finally:
-        engine.stop()
+    got = await run_plan(engine, plan, prompts)
     for i, (slot, _, n, _) in enumerate(plan):
         model = (base if slot == 0 else adapters[slot - 1][0]).to(device)
         assert got[i] == oracle(model, prompts[i], n), (
@@ -230,7 +220,7 @@ def test_static_step_matches_eager_decode(family: str) -> None:
     engine, _ = family_engine(family)
     torch.manual_seed(1)
     for module in engine.slots.modules.values():
-        module.load_slot(1, torch.randn(4, module.in_features), torch.randn(module.out_features, 4), 0.5)
+        module.load_slot(1, LoraModule(torch.randn(4, module.in_features), torch.randn(module.out_features, 4), 0.5))
     graphs = DecodeGraphs(engine.runner, 4, engine.kv_cache.max_model_len, capture=False)
     seqs = _allocated(engine, [30, 4, 19], [1, 0, 1])  # beyond, within and around the window
     with torch.inference_mode():

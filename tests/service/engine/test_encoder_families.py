@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as T
-from factories import randomize_adapter
+from factories import randomize_peft
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -88,15 +88,6 @@ def adapter_specs(family: str) -> list[tuple]:
             (listed, 2, 5, {**keep, "lora_bias": True})]  # fmt: skip
 
 
-def randomize_trained(model: torch.nn.Module, std: float = 0.3) -> None:
-    """Random LoRA A/B (and lora_B biases) and heads; DoRA magnitudes scaled around PEFT's ||W|| init."""
-    randomize_adapter(model, std, ("lora_A", "lora_B", "modules_to_save"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + std * torch.randn_like(param))
-
-
 def load(folder: Path, **kwargs) -> torch.nn.Module:
     return T.AutoModelForSequenceClassification.from_pretrained(folder, **kwargs).eval()
 
@@ -121,7 +112,7 @@ def served(request, tmp_path_factory) -> SimpleNamespace:
         model = load(root / "base", num_labels=labels, ignore_mismatched_sizes=True)
         cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=targets, **options)
         peft_model = get_peft_model(model, cfg).eval()
-        randomize_trained(peft_model)
+        randomize_peft(peft_model)
         folder = root / f"a{slot}"
         peft_model.save_pretrained(folder)
         import_peft_folder(folder, f"a{slot}", family, info)

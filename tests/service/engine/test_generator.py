@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import collect, greedy, oracle, randomize_adapter
+from factories import collect, greedy, oracle, randomize_peft, run_plan
 from numerics import decoder_reduction, reorder_atol
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -120,11 +120,7 @@ def make_adapters(base: torch.nn.Module, arch: str, work: Path, base_info) -> li
         torch.manual_seed(100 + i)
         cfg = LoraConfig(task_type="CAUSAL_LM", fan_in_fan_out=arch == "gpt2", **options)
         peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
-        randomize_adapter(peft_model, 0.3)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_magnitude_vector" in name:
-                    p.abs_().add_(1.0)
+        randomize_peft(peft_model, 0.3)
         folder = work / f"{arch}-{i}"
         peft_model.save_pretrained(folder)
         import_peft_folder(folder, f"a{i}", "tiny", base_info, task="generation")
@@ -175,18 +171,7 @@ async def test_mixed_batch_matches_peft_per_request(arch: str, decode: str, tmp_
     rng = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, 128, (n,), generator=rng).tolist() for _, n, _, _ in plan]
 
-    async def request(i: int) -> list[int]:
-        slot, _, n, wait_steps = plan[i]
-        while engine.steps < wait_steps:
-            await asyncio.sleep(0.001)
-        ids, _, reason = await collect(engine, prompts[i], greedy(n), slot)
-        assert reason == "length"
-        return ids
-
-    try:
-        got = await asyncio.gather(*(request(i) for i in range(len(plan))))
-    finally:
-        engine.stop()
+    got = await run_plan(engine, plan, prompts)
     for i, (slot, _, n, _) in enumerate(plan):
         if slot == 0:
             want = oracle(base.to(device), prompts[i], n)

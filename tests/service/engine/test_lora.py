@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import randomize_peft
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -205,16 +206,6 @@ def _through_import(peft_model: nn.Module, folder, base: nn.Module) -> dict[str,
     return read_adapter(folder, info, max_rank=8).lora
 
 
-def _randomise_peft(peft_model: nn.Module) -> None:
-    """Random A, B and LoRA biases; DoRA magnitudes at 0.5-1.5x their initial norms (a real adapter's range)."""
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
-            elif "lora_" in name:
-                p.normal_(0, 0.2)
-
-
 def _bare_bert() -> BertModel:
     return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64), add_pooling_layer=False).eval()  # fmt: skip
@@ -234,7 +225,7 @@ def test_mixed_batch_of_peft_options_matches_peft_per_row(family, make, packed: 
         fresh.load_state_dict(state)
         opts = {"r": 4, "lora_alpha": 9, "lora_dropout": 0.0, "fan_in_fan_out": family == "gpt2", **opts}
         peft_model = get_peft_model(fresh, LoraConfig(**opts)).eval()
-        _randomise_peft(peft_model)
+        randomize_peft(peft_model, 0.2)
         adapters.append((peft_model, _through_import(peft_model, tmp_path / str(i), make())))
 
     slots = inject_multi_lora(base, None, num_slots=len(adapters) + 1, max_rank=8)
