@@ -291,3 +291,11 @@ def test_non_finite_weights_are_refused(peft_dir, base_info, key, value):
     with pytest.raises(AdapterValidationError, match="has NaN or infinite values"):
         import_peft_folder(peft_dir, "x", "b", base_info)
     assert not (peft_dir / "loraswap.json").exists()
+
+
+def test_lora_on_embeddings_is_refused_by_name(tmp_path, base_folder, base_info, helpers):
+    """PEFT can put LoRA on an nn.Embedding (lora_embedding_A/B); the engines do not serve it: refused."""
+    helpers.save_peft_adapter(base_folder, tmp_path / "a", target_modules=["word_embeddings", "query"])
+    with pytest.raises(AdapterValidationError, match="LoRA on embeddings"):
+        import_peft_folder(tmp_path / "a", "emb", "b", base_info)
+    assert not (tmp_path / "a" / "loraswap.json").exists()
