@@ -187,12 +187,13 @@ class ClassifyBatcher:
     def _waiting_rows(self) -> int:
         return sum(len(r.rows) - r.next_row for r in self._pending)
 
-    def _take_window(self) -> tuple[list[tuple[_Request, int]], int]:
-        """The rows of the next window and the padded-token limit of its batches. Without tenants (auth
-        off): FIFO, up to 4 batches' worth of rows. With tenants: deficit round robin over tokens (each turn a
-        tenant may send its share of shared_batch_tokens more, oldest request first) into one short batch,
-        so the loop chooses again after every batch and a tenant arriving at any moment waits at most for
-        one short batch: a batch cannot be interrupted, so a lone tenant's bulk work is cut short too."""
+    def _take_window(self) -> tuple[list[tuple[_Request, int]], bool]:
+        """The rows of the next window, and whether tenants share it (its batches are then short).
+        Without tenants (auth off): FIFO, up to 4 batches' worth of rows. With tenants: deficit round robin
+        over tokens (each turn a tenant may send its share of shared_batch_tokens more, oldest request
+        first) into one short batch, so the loop chooses again after every batch and a tenant arriving at
+        any moment waits at most for one short batch: a batch cannot be interrupted, so a lone tenant's
+        bulk work is cut short too."""
         for request in [r for r in self._pending if r.future.done()]:  # cancelled or failed earlier
             self._pending.remove(request)
         queues: dict[str | None, deque[_Request]] = {}
@@ -211,7 +212,8 @@ class ClassifyBatcher:
             for tenant in list(self._turn):
                 if tenant not in queues:
                     continue
-                self._turn.rotate(-1)  # whoever is served now goes to the back of the line
+                self._turn.remove(tenant)  # whoever is served now goes to the back of the line
+                self._turn.append(tenant)
                 queue = queues[tenant]
                 credit = self._deficit.get(tenant, 0) + quantum
                 while queue and len(window) < limit:
