@@ -239,7 +239,22 @@ def require(scope: str, *also: str):
 
 require_infer = require("infer")
 require_admin = require("admin")
-require_metrics = require("metrics", "admin")  # an admin key may read what it manages
+_metrics_scoped = require("metrics", "admin")  # an admin key may read what it manages
+
+
+def _metrics_open(request: Request) -> bool:
+    return bool(getattr(request.app.state.ctx.settings, "metrics_open", False))
+
+
+async def require_metrics(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
+                          ) -> AsyncIterator[ApiKey | None]:
+    """A `metrics` or `admin` key when auth is on, unless `metrics_open` is set: an endpoint picker (Gateway API
+    Inference Extension) reads the vllm:* gauges of every pod and cannot send a key."""
+    if _metrics_open(request):
+        yield None
+        return
+    async for key in _metrics_scoped(request, await authenticate(request, credentials)):
+        yield key
 
 
 async def require_key(request: Request, key: ApiKey | None = Depends(authenticate)) -> AsyncIterator[ApiKey | None]:
@@ -295,7 +310,7 @@ def sees_internals(request: Request) -> bool:
 def adapter_filter(request: Request) -> Callable[[str], bool] | None:
     """Which adapter names the caller may see in `/metrics`: None for all (auth off, or a key allowed every
     adapter), else a predicate on names. Base model ids and `_other_` are the metrics module's to keep."""
-    if not _auth_on(request):
+    if not _auth_on(request) or _metrics_open(request):
         return None
     key: ApiKey | None = getattr(request.state, "api_key", None)
     if key is None:

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_concurrent_loads: int = Field(2, ge=1)
     load_on_demand: bool = True
     preload: list[str] = Field(default_factory=list, description="adapter refs loaded at start-up")
+    metrics_open: bool = Field(False, description="serve /metrics without a key even with auth on, with every"
+                               " adapter name in it (for an endpoint picker that cannot send one)")
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API"
                                     " (none by default: pages on other origins cannot read answers)")
     watch_interval_s: float = Field(2.0, ge=0, description="registry poll interval; 0 disables the watch")

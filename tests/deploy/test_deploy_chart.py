@@ -266,6 +266,7 @@ def test_api_keys_come_from_the_mounted_secret(default_render):
     keys = json.loads(base64.b64decode(secret["data"][volume["secret"]["items"][0]["key"]]))
     assert len(keys) == 1 and len(keys[0]["key"]) >= 32 and keys[0]["scopes"] == ["infer", "admin"]
     assert "LORASWAP_API_KEYS" not in env  # keys never travel inline in the pod spec
+    assert "LORASWAP_METRICS_OPEN" not in env  # auth on, no endpoint picker: /metrics needs a key
 
 
 def test_existing_secret_and_given_keys(render, gpu_render):
@@ -416,8 +417,10 @@ def test_inference_extension_objects(gpu_render, gpu_values):
     pool = gpu_render.one("InferencePool")
     pod_labels = gpu_render.one("Deployment")["spec"]["template"]["metadata"]["labels"]
     assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    port = int(_env(_container(gpu_render.one("Deployment")))["LORASWAP_PORT"])
-    assert pool["spec"]["targetPorts"] == [{"number": port}]
+    env = _env(_container(gpu_render.one("Deployment")))
+    assert pool["spec"]["targetPorts"] == [{"number": int(env["LORASWAP_PORT"])}]
+    # auth is on in these values: the picker, which sends no key, still reads every pod's vllm:* gauges
+    assert env["LORASWAP_AUTH_ENABLED"] == "true" and env["LORASWAP_METRICS_OPEN"] == "true"
     assert pool["spec"]["endpointPickerRef"]["name"] == "loraswap-epp"
     objectives = {o["metadata"]["name"]: o for o in gpu_render.all("InferenceObjective")}
     assert set(objectives) == {o["name"] for o in gpu_values["inferenceExtension"]["objectives"]}

@@ -172,3 +172,16 @@ def test_not_found_names_the_adapter_not_the_registry(client, world):
         message = _error(resp, 404)["message"]
         assert message == "adapter 'axe' not found in the registry", message
         assert registry_dir not in resp.text
+
+
+def test_metrics_open_serves_every_adapter_without_a_key(world):
+    """`metrics_open` (what the chart sets for the Inference Extension's endpoint picker, which sends no key):
+    /metrics answers without a key and names every adapter, while the API still needs keys."""
+    settings = world[0].model_copy(update={"metrics_open": True})
+    with TestClient(create_app(settings)) as c:
+        for name in ("alpha", "beta"):
+            c.post("/v1/classify", json={"adapter": name, "inputs": ["x"]}, headers=bearer(INFER_ALL))
+        resp = c.get("/metrics")
+        assert resp.status_code == 200
+        assert {"alpha", "beta"} <= _adapters_in(text_string_to_metric_families(resp.text))
+        assert c.post("/v1/classify", json={"adapter": "alpha", "inputs": ["x"]}).status_code == 401
