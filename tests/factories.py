@@ -99,6 +99,11 @@ def peft_logits(model: PeftModel, tokenizer, texts: list[str]) -> list[torch.Ten
 
 # A byte-level tokenizer for tiny decoder tests (no vocab download): EOS id and a minimal chat template.
 EOS = 0
+# A tiny Llama-shaped decoder (LlamaConfig(**TINY_DECODER)). The wide init makes random tiny models produce
+# varied tokens (the default 0.02 repeats one token).
+TINY_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, initializer_range=0.2,
+                    eos_token_id=EOS, bos_token_id=1, pad_token_id=EOS)  # fmt: skip
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -324,32 +324,37 @@ class GeneratorEngine:
                 tokens = self.runner.run(seqs, is_prefill)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine thread
                 log.exception("generation step failed")
-                for seq in seqs:
-                    self._fail(seq, exc)
+                self._fail(seqs, [exc] * len(seqs))
                 continue
             self.steps += 1
             # A row that gave no token (non-finite logits, a sampling error) ends its own request only. The
             # others are recorded first: freeing a failed row's KV moves other rows' caches, and those moves
             # must include what this step wrote.
             good = [(seq, t) for seq, t in zip(seqs, tokens, strict=True) if not isinstance(t, Exception)]
+            bad = [(seq, t) for seq, t in zip(seqs, tokens, strict=True) if isinstance(t, Exception)]
+            for seq, _ in bad:  # before any row moves: a moved row leaves its old copy behind
+                self.kv_cache.scrub(seq)
             self.scheduler.postprocess([s for s, _ in good], [t for _, t in good])
-            for seq, token in zip(seqs, tokens, strict=True):
-                if isinstance(token, Exception):
-                    self._fail(seq, token)
+            self._fail([s for s, _ in bad], [t for _, t in bad])
             for seq, _ in good:
                 try:
                     self._emit(seq)
                 except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failing on one row's ids
                     log.exception("detokenizing a generation row failed")
-                    self._fail(seq, exc)
+                    self._fail([seq], [exc])
 
-    def _fail(self, seq: Sequence, exc: BaseException) -> None:
-        """End one sequence with `exc` for its caller; the engine and the other sequences go on."""
-        if not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
-        stream = self._streams.pop(seq.seq_id, None)
-        if stream is not None:
-            stream.put(exc)
+    def _fail(self, seqs: list[Sequence], errors: list[BaseException]) -> None:
+        """End these sequences, each with its error for its caller; the engine and the others go on. Their
+        K/V rows are zeroed before any is freed (freeing moves rows): a failed row may hold NaN, which
+        masked attention would still carry into other rows (0 x NaN)."""
+        for seq in seqs:
+            self.kv_cache.scrub(seq)
+        for seq, exc in zip(seqs, errors, strict=True):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            stream = self._streams.pop(seq.seq_id, None)
+            if stream is not None:
+                stream.put(exc)
 
     def _emit(self, seq: Sequence) -> None:
         stream = self._streams.get(seq.seq_id)

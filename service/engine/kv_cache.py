@@ -63,6 +63,13 @@ class KVCache:
         seq.row, seq.num_cached = row, 0
         return row
 
+    def scrub(self, seq: Sequence) -> None:
+        """Zero `seq`'s row. Attention masks positions a row does not own, but a masked NaN still poisons the
+        weighted sum (0 x NaN): a failed sequence's K/V (a broken adapter) must not outlive it."""
+        if seq.row is not None:
+            self.k[:, seq.row].zero_()
+            self.v[:, seq.row].zero_()
+
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s row; the last used row moves into it so that used rows stay 0..n-1."""
         row = seq.row

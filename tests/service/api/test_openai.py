@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from factories import EOS, byte_tokenizer, randomize_adapter
+from factories import EOS, TINY_DECODER, byte_tokenizer, randomize_adapter
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -30,19 +30,7 @@ BASE_ID = "tiny-llama"
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        eos_token_id=EOS,
-        bos_token_id=1,
-        pad_token_id=EOS,
-    )
+    config = LlamaConfig(**TINY_DECODER)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = EOS

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from factories import EOS, byte_tokenizer, collect, greedy, oracle, randomize_adapter, run_plan
+from factories import EOS, TINY_DECODER, byte_tokenizer, collect, greedy, oracle, randomize_adapter, run_plan
 from numerics import decoder_reduction, reorder_atol
 from peft import LoraConfig, get_peft_model
 
@@ -68,19 +68,7 @@ FAMILIES = {
         ["qkv_proj", "down_proj"],
     ),
 }
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-    eos_token_id=EOS,
-    bos_token_id=1,
-    pad_token_id=EOS,
-)
+COMMON = {**TINY_DECODER, "num_hidden_layers": 3}
 
 
 def tiny_family_model(family: str, **overrides) -> torch.nn.Module:

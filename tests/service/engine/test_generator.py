@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import collect, greedy, oracle, randomize_peft, run_plan
+from factories import EOS, TINY_DECODER, collect, greedy, oracle, randomize_peft, run_plan
 from numerics import decoder_reduction, reorder_atol
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -25,8 +25,6 @@ from service.engine.generator import Detokenizer, EngineOverloadedError, Generat
 from service.engine.model_runner import attend, decode_bias, output_projection
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence
-
-EOS = 0
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -62,20 +60,7 @@ def tiny_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     # A wide init makes random tiny models produce varied tokens (the default 0.02 repeats one token).
     if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=256,
-            initializer_range=0.2,
-            eos_token_id=EOS,
-            bos_token_id=1,
-            pad_token_id=EOS,
-        )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(**TINY_DECODER))
     else:
         config = GPT2Config(
             n_embd=64,
@@ -527,6 +512,9 @@ async def test_a_failing_row_ends_its_own_request_only(tmp_path: Path) -> None:
     assert got[0][0] == oracle(adapters[0][0], prompts[0], 6) and got[4][0] == oracle(adapters[0][0], prompts[4], 6)
     assert got[2][0] == oracle(base, prompts[2], 6)
     assert engine.running == 0 and engine.kv_cache_usage == 0.0
+    # The failed request's NaN K/V is gone: attention masks rows' unused positions, but 0 x NaN is NaN, so
+    # stale NaN would poison whichever later batch reads that row's span.
+    assert torch.isfinite(engine.kv_cache.k).all() and torch.isfinite(engine.kv_cache.v).all()
 
 
 async def test_a_key_s_prompt_tokens_in_flight_are_bounded() -> None:
