@@ -52,7 +52,7 @@ UNSUPPORTED_OPTIONS = {
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 # A LoRA module's saved tensors: `<path>.<part>` after PEFT_PREFIX.
 _PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias", "lora_magnitude_vector": "magnitude"}
-_LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)")
+_LORA_KEY = re.compile(r"(.+)\.(" + "|".join(map(re.escape, _PARTS)) + ")")
 
 
 @dataclass

@@ -335,7 +335,7 @@ class GeneratorEngine:
             for seq, _ in bad:  # before any row moves: a moved row leaves its old copy behind
                 self.kv_cache.scrub(seq)
             self.scheduler.postprocess([s for s, _ in good], [t for _, t in good])
-            self._fail([s for s, _ in bad], [t for _, t in bad])
+            self._end([s for s, _ in bad], [t for _, t in bad])
             for seq, _ in good:
                 try:
                     self._emit(seq)
@@ -349,6 +349,10 @@ class GeneratorEngine:
         masked attention would still carry into other rows (0 x NaN)."""
         for seq in seqs:
             self.kv_cache.scrub(seq)
+        self._end(seqs, errors)
+
+    def _end(self, seqs: list[Sequence], errors: list[BaseException]) -> None:
+        """Finish these (already scrubbed) sequences and hand each caller its error."""
         for seq, exc in zip(seqs, errors, strict=True):
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")

@@ -54,7 +54,9 @@ class SlotState:
     uniform_slot: int | None = None  # set when every row uses the same adapter slot (> 0)
     groups: SlotGroups | None = None  # CPU, mixed slots over a dense range: see group_rows
     laid_out: bool = False  # inputs arrive already in `groups`' padded layout (the caller scattered them)
-    extras: bool = False  # some row's slot has a DoRA rescale or a LoRA bias (LoraSlots.extra_slots)
+    # The slot of every wrapped input's row, when some row's slot has a DoRA rescale or a LoRA bias
+    # (LoraSlots.extra_slots); None otherwise: then those terms are skipped.
+    extra_rows: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -63,26 +65,18 @@ class SlotState:
             return self.groups.count * self.groups.width
         return 0 if self.slot_ids is None else self.slot_ids.shape[0]
 
-    def row_slots(self) -> Tensor:
-        """The slot of every row of the wrapped inputs: slot_ids, or each padded row's slot when laid out."""
-        if not self.laid_out:
-            return self.slot_ids
-        g = self.groups
-        lo = torch.arange(g.lo, g.lo + g.count, device=self.slot_ids.device)
-        return lo.repeat_interleave(g.width)
-
     def set_static(self, slot_ids: Tensor) -> None:
         """Route rows with no host sync and no branch on the ids' values (what CUDA graph capture needs):
         every wrapped linear takes the gathered path, rows of slot 0 included (their A/B are zeros), and
         applies the DoRA/bias terms (zeros for slots without them)."""
         self.slot_ids, self.active, self.uniform_slot = slot_ids, True, None
-        self.groups, self.laid_out, self.extras = None, False, True
+        self.groups, self.laid_out, self.extra_rows = None, False, slot_ids
 
     def set(self, slot_ids: Tensor | None, laid_out: bool = False, extra_slots: frozenset[int] = frozenset()) -> None:
         """Route the next forward's rows; with `laid_out`, ask for the padded layout (granted when
         `groups` is set: the caller reads `self.laid_out` and scatters its rows once for every linear).
         `extra_slots`: slots whose adapters have DoRA or LoRA bias terms."""
-        self.groups, self.laid_out, self.extras = None, False, False
+        self.groups, self.laid_out, self.extra_rows = None, False, None
         if slot_ids is None:
             self.slot_ids, self.active, self.uniform_slot = None, False, None
             return
@@ -90,11 +84,16 @@ class SlotState:
         distinct = torch.unique(slot_ids).tolist()  # one host sync per forward pass, not per linear; sorted
         self.slot_ids = slot_ids
         self.active = any(s != 0 for s in distinct)
-        self.extras = not extra_slots.isdisjoint(distinct)
         self.uniform_slot = distinct[0] if len(distinct) == 1 and distinct[0] != 0 else None
         if self.active and self.uniform_slot is None and slot_ids.device.type == "cpu":
             self.groups = group_rows(slot_ids, distinct)
             self.laid_out = laid_out and self.groups is not None
+        if not extra_slots.isdisjoint(distinct):  # once here, not in each of the wrapped linears
+            g = self.groups
+            self.extra_rows = (
+                torch.arange(g.lo, g.lo + g.count, device=slot_ids.device).repeat_interleave(g.width)
+                if self.laid_out else slot_ids
+            )  # fmt: skip
 
 
 def base_features(base: nn.Module) -> tuple[int, int]:
@@ -283,7 +282,7 @@ class MultiLoraLinear(nn.Module):
         if state.uniform_slot is not None:
             g, lb = self.dora_g[state.uniform_slot], self.lora_bias[state.uniform_slot]
         else:
-            rows = state.row_slots()
+            rows = state.extra_rows
             shape = (rows.shape[0],) + (1,) * (y.dim() - 2) + (y.shape[-1],)
             g = self.dora_g.index_select(0, rows).view(shape)
             lb = self.lora_bias.index_select(0, rows).view(shape)
@@ -296,7 +295,7 @@ class MultiLoraLinear(nn.Module):
             return y
         if state.rows != x.shape[0]:
             raise ValueError(f"slot routing is for {state.rows} rows, the input has {x.shape[0]}")
-        if state.extras:
+        if state.extra_rows is not None:
             self._add_extras(y, state)
         if state.uniform_slot is not None:
             _add_lora_uniform(y, x, state.uniform_slot, self.lora_A, self.lora_B)

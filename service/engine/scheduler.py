@@ -31,15 +31,11 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._turn: deque[str | None] = deque()  # tenants in round-robin order for admission
 
-    def waiting_tokens(self, tenant: str | None) -> int:
-        return sum(s.num_prompt_tokens for s in self.waiting if s.tenant == tenant)
-
     def _next_waiting(self) -> Sequence:
         """The oldest waiting sequence of the next tenant in turn: one key's burst of long prompts cannot
         take every free KV row and prefill budget ahead of another key's request (FIFO without tenants)."""
-        tenants = {s.tenant for s in self.waiting}
-        self._turn = deque([t for t in self._turn if t in tenants] + [t for t in dict.fromkeys(
-            s.tenant for s in self.waiting) if t not in self._turn])  # fmt: skip
+        waiting = dict.fromkeys(s.tenant for s in self.waiting)  # in arrival order
+        self._turn = deque([t for t in self._turn if t in waiting] + [t for t in waiting if t not in self._turn])
         tenant = self._turn[0]
         return next(s for s in self.waiting if s.tenant == tenant)
 
