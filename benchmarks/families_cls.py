@@ -1,6 +1,7 @@
 """families_cls suite: ClassifierEngine against the Hugging Face model's own forward, per encoder family, on
 small-but-not-tiny random configs (hidden 256, 4 layers): batch 1 and batch 32, no adapter and 8 adapters
-mixed (LoRA rank 16 on every Linear the engine wraps, plus the head Linears it merges per slot).
+mixed (LoRA rank 16 on every Linear the engine wraps, in slots padded to the service's default max_rank,
+plus the head Linears it merges per slot).
 
 Run: `python -c "from benchmarks.families_cls import main; main()"` (writes benchmarks/results/families-cls-*).
 """
@@ -13,9 +14,11 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.common import machine_info, machine_markdown, median, set_threads, time_interleaved
+from service.config import Settings
 
 HIDDEN, LAYERS, HEADS, INTER, VOCAB = 256, 4, 4, 1024, 1000
 N_ADAPTERS, RANK = 8, 16
+MAX_RANK = Settings().max_rank  # what `make serve` pads every slot to
 REPS = {True: 1, False: 8}  # by --quick
 
 
@@ -66,7 +69,8 @@ def _family(name: str, config, device: str, quick: bool) -> dict:
     engine_model = AutoModelForSequenceClassification.from_config(config)
     engine_model.load_state_dict(hf.state_dict())
     tok = SimpleNamespace(pad_token_id=config.pad_token_id)
-    engine = ClassifierEngine(engine_model, tok, object(), num_slots=N_ADAPTERS + 1, max_rank=RANK,
+    # The service's default max_rank (slots padded to it), with adapters of rank RANK in them.
+    engine = ClassifierEngine(engine_model, tok, object(), num_slots=N_ADAPTERS + 1, max_rank=MAX_RANK,
                               device=device)  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     for slot in range(1, N_ADAPTERS + 1):
@@ -115,7 +119,8 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         "quick": quick,
         "machine": machine,
         "setup": {"dtype": "float32", **dict(zip(("hidden", "layers", "heads", "intermediate"), _dims(quick), strict=True)),
-                  "vocab": VOCAB, "adapters": N_ADAPTERS, "rank": RANK, "weights": "random (seeded)",
+                  "vocab": VOCAB, "adapters": N_ADAPTERS, "rank": RANK, "max_rank": MAX_RANK,
+                  "weights": "random (seeded)",
                   "lora_targets": "every Linear the engine wraps + head Linears (merged per slot)",
                   "reps": REPS[quick], "timing": "median of interleaved reps"},
         "families": families,
@@ -130,7 +135,8 @@ def _markdown(result: dict) -> str:
         "",
         machine_markdown(result["machine"], s["dtype"]),
         f"- random configs: hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, intermediate"
-        f" {s['intermediate']}; {s['adapters']} adapters r={s['rank']} on {s['lora_targets']};"
+        f" {s['intermediate']}; {s['adapters']} adapters r={s['rank']} (slots of max_rank {s['max_rank']}) on"
+        f" {s['lora_targets']};"
         f" {s['timing']} ({s['reps']})",
         "- speedup = HF `model(**batch)` time / ours at the same batch (> 1: ours is faster); the HF model has"
         " no adapters, so the adapter rows also show what serving LoRA costs",
