@@ -78,11 +78,14 @@ class LoraPaths:
 
     def segments(self, slot_ids: Tensor, tokens_per_row: int, num_slots: int) -> Segments:
         """One Segments per forward pass: every wrapped linear gets the same slot_ids tensor."""
+        # Inside a CUDA-graph capture the segments must be computed by the graph itself, not reused from
+        # an eager pass: a replay would route new slot ids by the old ones.
+        capturing = slot_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (slot_ids._version, tokens_per_row, num_slots, capturing)
         c = getattr(self._local, "cached", None)
-        if c is None or c[0] is not slot_ids or c[1:4] != (slot_ids._version, tokens_per_row, num_slots):
-            seg = segment_tokens(slot_ids, tokens_per_row, num_slots)
-            self._local.cached = c = (slot_ids, slot_ids._version, tokens_per_row, num_slots, seg)
-        return c[4]
+        if c is None or c[0] is not slot_ids or c[1] != key:
+            c = self._local.cached = (slot_ids, key, segment_tokens(slot_ids, tokens_per_row, num_slots))
+        return c[2]
 
     def __call__(self, y: Tensor, x: Tensor, state, A: Tensor, B: Tensor) -> None:
         slot_ids = state.slot_ids
