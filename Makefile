@@ -7,7 +7,7 @@ PORT   ?= 8000
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install serve test test-fast lint adapters bench bench-quick clean
+.PHONY: install serve test test-kernels test-fast lint adapters bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,12 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+# The Triton kernels on CPU, in Triton's interpreter; installs the [triton] extra (~290 MB) on first use.
+# LORASWAP_REQUIRE_TRITON: the tests fail instead of skipping when triton does not import.
+test-kernels: install
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q -e '.[triton]'
+	TRITON_INTERPRET=1 LORASWAP_REQUIRE_TRITON=1 $(PY) -m pytest -q -p no:cacheprovider tests/service/engine/test_triton_lora.py
 
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not real_model and not slow"

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One run on the device machine for a GPU session (prepare.sh first, here): installs the carried wheels,
-# runs the CUDA tests, then the gen, load and cls suites on CUDA, all into $OUT. That is 8 files, the
-# most that come back: device.txt (versions, GPU, each step's exit code), run.log, and each suite's JSON
-# and markdown. Sized for one 600 s call; each step has its own timeout, so a hang costs only its step.
+# runs the Triton kernel tests and the kernels suite (the multi-LoRA paths per linear, the newest and least
+# measured code, so first), the CUDA tests, then the cls, gen and load suites on CUDA. At most 8 files come
+# back, so the suites write to /tmp/bench and $OUT gets: device.txt (versions, GPU, each step's exit code),
+# run.log, each suite's JSON and tables.md (every suite's markdown, one after another), rebuilt after each
+# suite so a run cut short keeps what finished. Sized for one 600 s call; each step has its own timeout.
 # A CPU dry run of the same steps: DEVICE=cpu QUICK=1 NO_WHEELS=1 PY=.venv/bin/python OUT=/tmp/dry bash benchmarks/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:?set OUT to the folder whose files come back}
-mkdir -p "$OUT"
+BENCH=/tmp/bench
+mkdir -p "$OUT" "$BENCH"
 if [ -z "${NO_WHEELS:-}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -27,6 +30,8 @@ quick=${QUICK:+--quick}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
   "$PY" -c "import torch, transformers, peft, fastapi; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 'transformers', transformers.__version__, 'peft', peft.__version__, 'fastapi', fastapi.__version__)"
+  # The image's triton (its ~290 MB wheel is over what a call can carry): without it the Triton paths fall back.
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
 } > "$OUT/device.txt" 2>&1
 
 step() {  # name timeout command...: run, log, record the exit code
@@ -36,8 +41,16 @@ step() {  # name timeout command...: run, log, record the exit code
   timeout "$limit" "$@" >> "$OUT/run.log" 2>&1
   echo "$name rc=$?" >> "$OUT/device.txt"
 }
-step cuda-tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/service tests/training/test_dropout.py -k "cuda or bf16"
-step gen 220 "$PY" -m benchmarks run --suite gen --device "$DEVICE" --out "$OUT" $quick
-step load 140 "$PY" -m benchmarks run --suite load --device "$DEVICE" --out "$OUT" $quick
-step cls 80 "$PY" -m benchmarks run --suite cls --device "$DEVICE" --out "$OUT" $quick
+collect() {  # the suites' JSONs as they are, their markdown as one file
+  cp "$BENCH"/*.json "$OUT"/ 2>/dev/null
+  for md in "$BENCH"/*.md; do [ -e "$md" ] && { echo "<!-- $(basename "$md") -->"; cat "$md"; echo; }; done > "$OUT/tables.md"
+}
+bench=("$PY" -m benchmarks run --device "$DEVICE" --out "$BENCH" $quick)
+step kernel-tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/service/engine/test_triton_lora.py
+step kernels 70 "${bench[@]}" --suite kernels; collect
+step cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/service tests/training/test_dropout.py -k "cuda or bf16" \
+  --ignore=tests/service/engine/test_triton_lora.py  # run above
+step cls 60 "${bench[@]}" --suite cls; collect
+step gen 180 "${bench[@]}" --suite gen; collect
+step load 90 "${bench[@]}" --suite load; collect
 cat "$OUT/device.txt"

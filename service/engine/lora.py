@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from adapters.peft import LoraModule
+from service.engine.lora_paths import LoraPaths
 
 
 @dataclass(frozen=True)
@@ -180,17 +181,10 @@ def _add_lora_cpu(y: Tensor, x: Tensor, state: SlotState, lora_A: Tensor, lora_B
         _add_lora_gathered_bmm(y, x, state.slot_ids, lora_A, lora_B)
 
 
-def _add_lora_cuda(y: Tensor, x: Tensor, state: SlotState, lora_A: Tensor, lora_B: Tensor) -> None:
-    """GPU path. Today the same gathered bmm (works, CUDA-graph friendly: no host sync, fixed shapes).
-    The place for a faster kernel: rows sorted by slot + `torch._grouped_mm`, or a fused Triton
-    shrink/expand (Punica SGMV). Untested and unmeasured here: no GPU was available when this was written."""
-    _add_lora_gathered_bmm(y, x, state.slot_ids, lora_A, lora_B)
-
-
 # Mixed-batch LoRA kernels by device type; add a device here rather than branching in forward().
 MIXED_PATHS: dict[str, Callable[[Tensor, Tensor, SlotState, Tensor, Tensor], None]] = {
     "cpu": _add_lora_cpu,
-    "cuda": _add_lora_cuda,
+    "cuda": LoraPaths(_add_lora_gathered_bmm),  # or torch._grouped_mm or Triton: timed per shape (lora_paths.py)
 }
 
 

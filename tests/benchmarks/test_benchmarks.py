@@ -36,6 +36,8 @@ EXPECTED = {
     "fairness": {"fair", "fifo"},
     "families-gen": {"llama", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"},
     "families-cls": {"hf_batch1", "ours_batch1_no_adapter", "ours_batch1_adapter"},
+    "kernels": {"bert_prefill.qkv.base", "bert_prefill.qkv.bmm.r64", "bert_prefill.qkv.bmm.r4",
+                "bert_prefill.ffn_in.grouped_mm.r4", "gpt2_decode.c_attn.base", "gpt2_decode.c_attn.bmm.r4"},
 }  # fmt: skip
 
 
