@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 
-from service.api.errors import APIError
+from service.errors import APIError
 
 log = logging.getLogger("loraswap.limits")
 

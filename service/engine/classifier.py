@@ -5,16 +5,23 @@ different label counts) share one forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.errors import AdapterValidationError
+from adapters.format import AdapterWeights
+from service.engine.batcher import ClassifyBatcher
 from service.engine.heads import SlotHeads, family_of
 from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
 from service.engine.packed_linear import pack_block_linears
+from service.engine.protocol import EngineStats
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 
 def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
@@ -41,13 +48,14 @@ def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
 
 
 class ClassifierEngine:
-    """Base encoder + multi-LoRA slots + per-slot heads. Implements SlotEngine (docs/ARCHITECTURE.md).
+    """Base encoder + multi-LoRA slots + per-slot heads. Implements `Engine` (engine/protocol.py); while
+    started, its `batcher` mixes requests of any adapters into batches (`submit`).
 
     One forward at a time (the batcher calls it from a single worker thread); load/clear of a slot
-    that no in-flight request uses is safe meanwhile (the adapter manager's leases guarantee that).
+    that no in-flight request uses is safe meanwhile (the router's leases guarantee that).
     """
 
-    task = "classification"
+    tasks = frozenset({"classification"})
 
     def __init__(
         self,
@@ -71,7 +79,7 @@ class ClassifierEngine:
             from adapters.fingerprint import describe_base
 
             base_info = describe_base(
-                model, getattr(model.config, "_name_or_path", "") or "encoder", self.task
+                model, getattr(model.config, "_name_or_path", "") or "encoder", "classification"
             )
         self.base_info = base_info
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -109,12 +117,39 @@ class ClassifierEngine:
                 for name in family.shared_row_methods:
                     if hasattr(module, name):
                         setattr(module, name, self._one_shared_row(getattr(module, name)))
-        self.labels: list[list[str] | None] = [None] * num_slots
-        id2label = getattr(model.config, "id2label", None) or {}
-        self.labels[0] = [id2label.get(i, f"LABEL_{i}") for i in range(self.heads.num_labels[0])]
+        self.batcher: ClassifyBatcher | None = None
 
-    # SlotEngine ---------------------------------------------------------------------------------
-    def load_slot(self, slot: int, weights: Any) -> None:
+    @property
+    def base_labels(self) -> list[str] | None:
+        """The base model's own label names (what slot 0 answers with), if its config names them."""
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        return [id2label[i] for i in sorted(id2label)] if id2label else None
+
+    # Engine -------------------------------------------------------------------------------------
+    async def start(self, settings: Settings) -> None:
+        if self.batcher is None:
+            self.batcher = ClassifyBatcher(
+                self, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                max_tenant_tokens=settings.max_tenant_tokens, shared_batch_tokens=settings.shared_batch_tokens)
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    def stats(self) -> EngineStats:
+        b = self.batcher
+        return EngineStats(running=b.running if b else 0, waiting=b.queue_depth if b else 0)
+
+    async def submit(self, texts: Sequence[str], slot: int, tenant: str | None = None,
+                     on_start: Callable[[float], None] | None = None) -> list[Tensor]:
+        """Logits per text through `slot`, batched with other requests (see ClassifyBatcher.submit)."""
+        if self.batcher is None:
+            raise RuntimeError("the classifier engine is not started")
+        return await self.batcher.submit(texts, slot, tenant, on_start=on_start)
+
+    def load_slot(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an AdapterWeights (LoRA + modules_to_save head) into `slot`; validated before any write.
 
         LoRA on a wrapped Linear goes into the slot's LoRA stacks; LoRA on a head Linear (PEFT's `dense` and
@@ -124,22 +159,20 @@ class ClassifierEngine:
         in_head = {p: m for p, m in weights.lora.items() if p not in self.slots.modules}
         for path in in_head:
             if path not in self.heads.linears:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"adapter targets {path!r}, which is neither a wrapped LoRA module nor a head module"
                     " this engine keeps per slot"
                 )
         modules, num_labels = self.heads.prepare(dict(weights.head), in_head)
         labels = list(getattr(weights.manifest, "labels", None) or [])
         if labels and len(labels) != num_labels:
-            raise ValueError(f"manifest has {len(labels)} labels but the head has {num_labels} rows")
+            raise AdapterValidationError(f"manifest has {len(labels)} labels but the head has {num_labels} rows")
         self.slots.load(slot, lora)  # validates LoRA shapes (and the slot number) before writing
         self.heads.install(slot, modules, num_labels)
-        self.labels[slot] = labels or [f"LABEL_{i}" for i in range(num_labels)]
 
     def clear_slot(self, slot: int) -> None:
         self.slots.clear(slot)
         self.heads.clear(slot)
-        self.labels[slot] = None
 
     # Inference ----------------------------------------------------------------------------------
     def num_labels(self, slot: int) -> int:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from adapters.errors import AdapterValidationError
 from adapters.peft import LoraModule, is_target
 from service.engine.lora import MultiLoraLinear, SlotGroups, SlotState
 
@@ -89,18 +90,18 @@ class LoraSlots:
         for path, lm in lora.items():
             module = self.modules.get(path)
             if module is None:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"adapter targets {path!r}, which is not a wrapped LoRA module of this model"
                 )
             A, B, r = lm.A, lm.B, lm.rank
             if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"{path}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, in] and [out, r]"
                 )
             if r > self.max_rank:
-                raise ValueError(f"{path}: rank {r} exceeds max_rank {self.max_rank}")
+                raise AdapterValidationError(f"{path}: rank {r} exceeds max_rank {self.max_rank}")
             if A.shape[1] != module.in_features or B.shape[0] != module.out_features:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"{path}: expected A [r, {module.in_features}] and B [{module.out_features}, r], "
                     f"got {tuple(A.shape)} and {tuple(B.shape)}"
                 )
