@@ -19,7 +19,7 @@ from adapters.manifest import Manifest
 from adapters.ref import AdapterRef
 from adapters.registry import Registry
 from service.config import Settings
-from service.engine.protocol import Engine
+from service.engine.protocol import Engine, StepObserver
 from service.errors import APIError
 from service.host_cache import HostCache
 from service.metrics import Metrics
@@ -54,7 +54,7 @@ class ServiceContext:
         self.metrics = Metrics(max_adapter_labels=s.metrics.max_adapter_labels,
                                always_labelled=[b for b in (s.encoder_base, s.decoder_base) if b])
         for engine in engines:
-            await engine.start(s)
+            await engine.start(s, on_step=self._step_observer(min(engine.tasks)))
             router = self._router(engine)
             for task in engine.tasks:
                 self.engines[task], self.routers[task] = engine, router
@@ -63,6 +63,10 @@ class ServiceContext:
         if s.watch_interval_s > 0:
             self._tasks += [asyncio.create_task(r.watch(s.watch_interval_s)) for r in self.distinct_routers()]
         self.ready = True
+
+    def _step_observer(self, task: str) -> StepObserver:
+        metrics = self.metrics
+        return lambda size, distinct: metrics.observe_batch(task, size, distinct)
 
     def _router(self, engine: Engine) -> AdapterRouter:
         s = self.settings

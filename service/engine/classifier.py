@@ -18,7 +18,7 @@ from service.engine.batcher import ClassifyBatcher
 from service.engine.heads import SlotHeads, family_of
 from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
 from service.engine.packed_linear import pack_block_linears
-from service.engine.protocol import EngineStats
+from service.engine.protocol import EngineStats, StepObserver
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -126,11 +126,12 @@ class ClassifierEngine:
         return [id2label[i] for i in sorted(id2label)] if id2label else None
 
     # Engine -------------------------------------------------------------------------------------
-    async def start(self, settings: Settings) -> None:
+    async def start(self, settings: Settings, on_step: StepObserver | None = None) -> None:
         if self.batcher is None:
+            on_batch = None if on_step is None else lambda size, distinct, waits: on_step(size, distinct)
             self.batcher = ClassifyBatcher(
                 self, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, on_batch=on_batch,
                 max_tenant_tokens=settings.max_tenant_tokens, shared_batch_tokens=settings.shared_batch_tokens)
         await self.batcher.start()
 

@@ -26,7 +26,7 @@ from service.engine.kv_cache import KVCache
 from service.engine.lora_model import inject_multi_lora
 from service.engine.model_runner import ModelRunner
 from service.engine.packed_linear import pack_block_linears
-from service.engine.protocol import EngineStats
+from service.engine.protocol import EngineStats, StepObserver
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
@@ -184,6 +184,7 @@ class GeneratorEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.on_step: StepObserver | None = None
 
     @staticmethod
     def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -199,8 +200,9 @@ class GeneratorEngine:
         return ids
 
     # --- Engine -------------------------------------------------------------------------------------
-    async def start(self, settings: Settings) -> None:
+    async def start(self, settings: Settings, on_step: StepObserver | None = None) -> None:
         """The engine thread starts on the first request; its limits were set at construction."""
+        self.on_step = on_step
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.shutdown)
@@ -347,6 +349,11 @@ class GeneratorEngine:
                 self._fail(seqs, [exc] * len(seqs))
                 continue
             self.steps += 1
+            if self.on_step is not None:
+                try:
+                    self.on_step(len(seqs), len({s.slot for s in seqs}))
+                except Exception:  # noqa: BLE001 - metrics must never break serving
+                    log.exception("step observer failed")
             # A row that gave no token (non-finite logits, a sampling error) ends its own request only. The
             # others are recorded first: freeing a failed row's KV moves other rows' caches, and those moves
             # must include what this step wrote.

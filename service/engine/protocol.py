@@ -7,6 +7,7 @@ adapters, and with it one slot pool).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +18,9 @@ from adapters.format import AdapterWeights
 
 if TYPE_CHECKING:
     from service.config import Settings
+
+
+StepObserver = Callable[[int, int], None]  # (rows or sequences in a step, distinct slots among them)
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,9 @@ class Engine(Protocol):
     def clear_slot(self, slot: int) -> None:
         """Zero `slot`: it serves the base model again."""
 
-    async def start(self, settings: Settings) -> None:
-        """Start serving (worker threads, batching loops); `settings` gives the serving limits."""
+    async def start(self, settings: Settings, on_step: StepObserver | None = None) -> None:
+        """Start serving (worker threads, batching loops); `settings` gives the serving limits; `on_step` is
+        told the size of every engine step (any thread)."""
 
     async def stop(self) -> None:
         """Stop serving; requests not finished fail."""

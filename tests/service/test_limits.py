@@ -154,6 +154,25 @@ def test_full_queue_gets_429_with_retry_after_then_recovers(world):
         assert classify(c).status_code == 200
 
 
+def test_requests_over_the_in_flight_bound_get_429_at_the_edge(world):
+    """With `max_in_flight` requests admitted, the next is refused before its body is read or it waits
+    anywhere: 429 + Retry-After in milliseconds, while the admitted ones finish; then it is admitted again."""
+    with TestClient(create_app(world.model_copy(update={"max_in_flight": 2}))) as c, gated(c) as gate, \
+            ThreadPoolExecutor(2) as pool:
+        ctx = c.app.state.ctx
+        held = [pool.submit(classify, c) for _ in range(2)]
+        wait_for(lambda: ctx.in_flight == 2)
+        started = time.perf_counter()
+        resp = classify(c)
+        took = time.perf_counter() - started
+        assert _error(resp, 429, "overloaded")["type"] == "rate_limit_error"
+        assert resp.headers["retry-after"] == "1" and took < 0.5, took
+        gate.opened.set()
+        assert [f.result(30).status_code for f in held] == [200, 200]
+        wait_for(lambda: ctx.in_flight == 0)
+        assert classify(c).status_code == 200
+
+
 def test_request_timeout_is_504_and_cancels_the_work(world):
     with TestClient(create_app(world.model_copy(update={"request_timeout_s": 0.5}))) as c:
         ctx = c.app.state.ctx
