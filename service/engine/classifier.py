@@ -184,9 +184,9 @@ class ClassifierEngine:
         return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
 
     @torch.inference_mode()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Sequence[int] | Tensor) -> Tensor:
         """[B, L_max] logits, row i through slot_ids[i]'s LoRA and head; padded label columns are -inf."""
-        slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=self.device)
+        slot_ids = slot_ids.tolist() if isinstance(slot_ids, Tensor) else [int(s) for s in slot_ids]
         padded = not bool(attention_mask.all())  # before the move: no device sync for CPU-built masks
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.per_slot:
@@ -199,16 +199,17 @@ class ClassifierEngine:
                 hidden = self._encode(input_ids, attention_mask if padded else None)
         return self.heads(hidden, attention_mask, slot_ids)
 
-    def _encode_per_slot(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:
+    def _encode_per_slot(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: list[int]) -> Tensor:
         """The encoder's own forward once per distinct slot, over that slot's rows."""
         hidden = None
-        for slot in torch.unique(slot_ids).tolist():
-            rows = (slot_ids == slot).nonzero().squeeze(1)
-            with self.slots.use(slot_ids.index_select(0, rows)):
+        for slot in sorted(set(slot_ids)):
+            index = [i for i, s in enumerate(slot_ids) if s == slot]
+            rows = torch.tensor(index, device=input_ids.device)
+            with self.slots.use([slot] * len(index)):
                 ids, mask = input_ids.index_select(0, rows), attention_mask.index_select(0, rows)
                 out = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             if hidden is None:
-                hidden = out.new_empty((slot_ids.shape[0], *out.shape[1:]))
+                hidden = out.new_empty((len(slot_ids), *out.shape[1:]))
             hidden[rows] = out
         return hidden
 
@@ -217,14 +218,14 @@ class ClassifierEngine:
         state, slots = self.slots.state, self.slots
 
         def call(*args, **kwargs):
-            rows = state.slot_ids
-            if rows is None or rows.shape[0] <= 1:
+            rows, device = state.slot_list, state.slot_ids.device if state.slot_ids is not None else None
+            if rows is None or len(rows) <= 1:
                 return method(*args, **kwargs)
-            state.set(rows[:1], False, slots.extra_slots)  # every row has this slot (_encode_per_slot)
+            state.set(rows[:1], False, slots.extra_slots, device)  # every row has this slot (_encode_per_slot)
             try:
                 return method(*args, **kwargs)
             finally:
-                state.set(rows, False, slots.extra_slots)
+                state.set(rows, False, slots.extra_slots, device)
 
         return call
 
@@ -257,7 +258,7 @@ class ClassifierEngine:
         for i, r in enumerate(rows):  # right padding: the CLS token stays at position 0
             input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
             attention_mask[i, : len(r)] = 1
-        out = self.logits(input_ids, attention_mask, torch.as_tensor(list(slot_ids))).float().cpu()
+        out = self.logits(input_ids, attention_mask, list(slot_ids)).float().cpu()
         return [out[i, : self.num_labels(s)] for i, s in enumerate(slot_ids)]
 
     def classify(self, texts: Sequence[str], slot_ids: Sequence[int]) -> list[Tensor]:

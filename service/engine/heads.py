@@ -202,17 +202,17 @@ class SlotHeads:
         """Every head tensor `slot` serves, by path (for tests and debugging)."""
         return {f"{root}.{k}": t for root, m in self.slots[slot].items() for k, t in m.state_dict().items()}
 
-    def __call__(self, hidden: Tensor, mask: Tensor, slot_ids: Tensor) -> Tensor:
+    def __call__(self, hidden: Tensor, mask: Tensor, slot_ids: list[int]) -> Tensor:
         """[B, T, h] encoder output -> [B, max_labels] logits, row i through slot_ids[i]'s head; padded label
         columns are -inf, so a softmax over the padded row is still right."""
         logits = hidden.new_full((hidden.shape[0], self.max_labels), float("-inf"))
-        slots = torch.unique(slot_ids).tolist()
+        slots = sorted(set(slot_ids))  # host ids: no device read-back
         if len(slots) == 1:  # the common case: no gather
             logits[:, : self.num_labels[slots[0]]] = self._run(slots[0], hidden, mask)
             return logits
         # One head call per distinct slot: a few small GEMMs, cheaper than per-row weight gathers.
         for slot in slots:
-            rows = (slot_ids == slot).nonzero().squeeze(1)
+            rows = torch.tensor([i for i, s in enumerate(slot_ids) if s == slot], device=hidden.device)
             out = self._run(slot, hidden.index_select(0, rows), mask.index_select(0, rows))
             logits[rows, : out.shape[1]] = out
         return logits

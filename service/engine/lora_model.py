@@ -49,16 +49,17 @@ class LoraSlots:
         self.extra_slots: frozenset[int] = frozenset()  # slots whose adapter has DoRA or LoRA bias terms
 
     @contextmanager
-    def use(self, slot_ids: Tensor, laid_out: bool = False) -> Iterator[SlotGroups | None]:
-        """Route row i of every wrapped input to slot slot_ids[i] for the duration of the block.
+    def use(self, slot_ids: Sequence[int] | Tensor, laid_out: bool = False) -> Iterator[SlotGroups | None]:
+        """Route row i of every wrapped input to slot slot_ids[i] for the duration of the block. Give the
+        ids as the host has them (a list): they are checked and grouped there and uploaded once.
 
         With `laid_out`, yields the SlotGroups whose padded layout every wrapped input must then arrive in
         (row i at `groups.index[i]`, `count * width` rows), or None: rows stay as they are."""
         device = next(iter(self.modules.values())).lora_A.device if self.modules else None
-        slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=device)
-        if slot_ids.numel() and (int(slot_ids.min()) < 0 or int(slot_ids.max()) >= self.num_slots):
-            raise ValueError(f"slot ids must be in [0, {self.num_slots}), got {slot_ids.tolist()}")
-        self.state.set(slot_ids, laid_out, self.extra_slots)
+        ids = slot_ids.tolist() if isinstance(slot_ids, Tensor) else [int(s) for s in slot_ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.num_slots):
+            raise ValueError(f"slot ids must be in [0, {self.num_slots}), got {ids}")
+        self.state.set(ids, laid_out, self.extra_slots, device=device)
         try:
             yield self.state.groups if self.state.laid_out else None
         finally:
