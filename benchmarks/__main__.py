@@ -1,5 +1,5 @@
 """Benchmark runner:
-`python -m benchmarks run [--suite cls|gen|load|server|fairness|families-gen|families-cls|all] [--device cpu|cuda] [--quick] [--out DIR]`.
+`python -m benchmarks run [--suite cls|gen|load|server|fairness|families-gen|families-cls|overload|all] [--device cpu|cuda] [--quick] [--out DIR]`.
 A suite is a module in SUITES with `run(device: str, quick: bool) -> (result dict, markdown str)`; each
 run writes <DIR, default benchmarks/results>/<suite>-<device>-<date>.json and .md.
 """
@@ -25,6 +25,7 @@ SUITES = {
     "fairness": "benchmarks.fairness",
     "families-gen": "benchmarks.families_gen",
     "families-cls": "benchmarks.families_cls",
+    "overload": "benchmarks.overload",
 }
 
 

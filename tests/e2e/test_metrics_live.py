@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from e2e.tiny_world import build_world, env_for
 from live import live_server
+from prometheus_client.parser import text_string_to_metric_families
+
 from service.metrics import METRIC_NAMES
 
 
