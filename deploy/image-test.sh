@@ -173,6 +173,7 @@ grep -q "drained" "$log" || { cat "$log"; die "no drain on SIGTERM"; }
 [ "$status" = 0 ] || { cat "$log"; die "exit status $status after SIGTERM"; }
 
 size=$(bah images --format '{{.Size}}' "$TAG" | head -1)
+rm -f "$log" "$log.metrics"
 say "PASS: $TAG"
 printf 'image size %s; build %d s; ready %d s; SIGTERM -> exit 0 in %d s; total %d s\n' \
   "$size" "$build_s" "$ready_s" "$stop_s" "$((SECONDS - started))"
