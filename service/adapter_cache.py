@@ -70,6 +70,8 @@ class Lease:
     version: int | None
     labels: list[str] | None
     _release: Any = None
+    temperature: float = 1.0  # the manifest's calibration (classification); 1.0 / 0.0 when it has none
+    min_score: float = 0.0
 
     def release(self) -> None:
         if self._release is not None:
@@ -155,8 +157,11 @@ class AdapterManager:
         resident.last_used = time.time()
         resident.use_tick = next(_use_clock)
         self._requests[resident.name] += 1
-        return Lease(resident.slot, resident.name, resident.version, resident.weights.manifest.labels,
-                     _release=lambda: self._release(resident))
+        manifest = resident.weights.manifest
+        return Lease(resident.slot, resident.name, resident.version, manifest.labels,
+                     _release=lambda: self._release(resident),
+                     temperature=manifest.calibration.temperature if manifest.calibration else 1.0,
+                     min_score=manifest.min_score or 0.0)
 
     def _release(self, resident: Resident) -> None:
         resident.refs -= 1
