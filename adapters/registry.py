@@ -1,5 +1,5 @@
 """The adapter registry: `<root>/<name>/<version>/` folders plus `<root>/<name>/aliases.json`, on a local
-directory or any fsspec URL. Publish is atomic; `watch` polls it so servers pick up new versions.
+directory or any fsspec URL. Publish is atomic; servers poll `snapshot` to pick up new versions.
 
 A version exists once its loraswap.json exists (written last), so a crash mid-publish is never visible.
 """
@@ -11,13 +11,11 @@ import json
 import logging
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -33,29 +31,21 @@ TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RegistryEvent:
-    """One change seen by `watch`: a version added or removed, or an alias moved (version None = removed)."""
-
-    kind: Literal["added", "removed", "alias"]
-    name: str
-    version: int | None
-    alias: str | None = None
-
-
-def diff_snapshots(old: dict[str, dict], new: dict[str, dict]) -> list[RegistryEvent]:
-    """Events that turn snapshot `old` into `new`."""
-    events = []
-    for name in sorted(set(old) | set(new)):
-        before, after = old.get(name, {}), new.get(name, {})
-        old_versions, new_versions = set(before.get("versions", [])), set(after.get("versions", []))
-        events += [RegistryEvent("added", name, v) for v in sorted(new_versions - old_versions)]
-        events += [RegistryEvent("removed", name, v) for v in sorted(old_versions - new_versions)]
-        old_aliases, new_aliases = before.get("aliases", {}), after.get("aliases", {})
-        for alias in sorted(set(old_aliases) | set(new_aliases)):
-            if old_aliases.get(alias) != new_aliases.get(alias):
-                events.append(RegistryEvent("alias", name, new_aliases.get(alias), alias))
-    return events
+def resolve_in(ref: AdapterRef, versions: list[int], aliases: dict[str, int]) -> tuple[str, int]:
+    """The resolve rule, over one name's listing: `name@3` pins, `name@alias` follows the alias, `name` is
+    `name@stable` if set, else the newest. Raises AdapterNotFoundError. `Registry.resolve` applies it to a
+    fresh listing, a server's registry watch to each name of one `snapshot`."""
+    if not versions:
+        raise AdapterNotFoundError(f"adapter {ref.name!r} not found in the registry")
+    if ref.version is not None:
+        if ref.version not in versions:
+            raise AdapterNotFoundError(f"adapter {ref} not found (versions: {versions})")
+        return ref.name, ref.version
+    if ref.alias is not None:
+        if ref.alias not in aliases:
+            raise AdapterNotFoundError(f"adapter {ref.name!r} has no alias {ref.alias!r}")
+        return ref.name, aliases[ref.alias]
+    return ref.name, aliases.get("stable", versions[-1])
 
 
 def _copy_file(src: Path, dst: Any) -> None:
@@ -128,21 +118,11 @@ class Registry:
             raise RegistryError(f"{path}: invalid aliases file ({exc})") from None
 
     def resolve(self, ref: str | AdapterRef) -> tuple[str, int]:
-        """`name@3` pins, `name@alias` follows the alias, `name` is `name@stable` if set, else the newest."""
+        """(name, version) that `ref` names now (`resolve_in`'s rule)."""
         ref = AdapterRef.parse(ref) if isinstance(ref, str) else ref
         versions = self.versions(ref.name)
-        if not versions:
-            raise AdapterNotFoundError(f"adapter {ref.name!r} not found in the registry")
-        if ref.version is not None:
-            if ref.version not in versions:
-                raise AdapterNotFoundError(f"adapter {ref} not found (versions: {versions})")
-            return ref.name, ref.version
-        aliases = self.aliases(ref.name)
-        if ref.alias is not None:
-            if ref.alias not in aliases:
-                raise AdapterNotFoundError(f"adapter {ref.name!r} has no alias {ref.alias!r}")
-            return ref.name, aliases[ref.alias]
-        return ref.name, aliases.get("stable", versions[-1])
+        aliases = self.aliases(ref.name) if versions and ref.version is None else {}
+        return resolve_in(ref, versions, aliases)
 
     def manifest(self, name: str, version: int) -> Manifest:
         path = self._path(validate_name(name), int(version), MANIFEST_FILE)
@@ -179,22 +159,8 @@ class Registry:
         return target
 
     def snapshot(self) -> dict[str, dict]:
-        """`{name: {"versions": [...], "aliases": {...}}}`: a cheap poll for `watch`."""
+        """`{name: {"versions": [...], "aliases": {...}}}`: one listing of everything, for a server's watch."""
         return {name: {"versions": vs, "aliases": self.aliases(name)} for name, vs in self._listing().items()}
-
-    def watch(self, interval: float, stop: threading.Event) -> Iterator[list[RegistryEvent]]:
-        """Poll every `interval` seconds until `stop` is set; yield each non-empty list of changes."""
-        current = self.snapshot()
-        while not stop.wait(interval):
-            try:
-                latest = self.snapshot()
-            except LoraswapError as exc:  # a flaky registry must not kill the server's watcher
-                log.warning("registry watch: %s", exc.message)
-                continue
-            events = diff_snapshots(current, latest)
-            current = latest
-            if events:
-                yield events
 
     # ---- writing ----
 

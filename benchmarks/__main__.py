@@ -1,5 +1,5 @@
 """Benchmark runner:
-`python -m benchmarks run [--suite cls|gen|load|server|fairness|families-gen|families-cls|kernels|all] [--device cpu|cuda] [--quick] [--out DIR]`.
+`python -m benchmarks run [--suite cls|gen|load|server|fairness|families-gen|families-cls|kernels|overload|all] [--device cpu|cuda] [--quick] [--out DIR]`.
 A suite is a module in SUITES with `run(device: str, quick: bool) -> (result dict, markdown str)`; each
 run writes <DIR, default benchmarks/results>/<suite>-<device>-<date>.json and .md.
 """
@@ -26,6 +26,7 @@ SUITES = {
     "families-gen": "benchmarks.families_gen",
     "families-cls": "benchmarks.families_cls",
     "kernels": "benchmarks.kernels",
+    "overload": "benchmarks.overload",
 }
 
 

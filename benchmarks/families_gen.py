@@ -80,7 +80,7 @@ def _family(
     timings = {name: _Timings() for name in jobs}
     cases = {name: make(timings[name]) for name, (_, make) in jobs.items()}
     times = time_interleaved(cases, warmup=1, reps=reps, device=device)
-    engine.stop()
+    engine.shutdown()
     # The warm-up's gaps are in the timings too: drop them (the first len/(reps+1) of each case).
     for t in timings.values():
         t.itl = t.itl[len(t.itl) // (reps + 1) :]

@@ -324,7 +324,7 @@ def run(device: str, quick: bool, shape: str | None = None) -> tuple[dict, str]:
     latency = [_latency(engine, prompts, spread[most], s, new_tokens) for s in streams]
     latency.append(_paced(engine, prompts, spread[most], *paced, new_tokens))
     decode = _decode_steps(engine, base, prompts[:n_req], spread[mixed][:n_req], device, rounds=2 if quick else 8)
-    engine.stop()
+    engine.shutdown()
     tps = {r["case"]: r["tokens_per_s"] for r in rows}
     ratios = {
         f"ours_mixed_{mixed}_vs_ours_base": tps[f"ours_mixed_{mixed}"] / tps["ours_base"],

@@ -144,9 +144,10 @@ async def _ours(work: Path, folders, steps, pre: list[Path], base_path: str, inf
     logging.getLogger("loraswap.access").setLevel(logging.WARNING)  # no access line per request
     first, response, step, copy = [], [], [], []
     async with app.router.lifespan_context(app):
-        manager = app.state.ctx.managers["classification"]
+        ctx = app.state.ctx
+        router = ctx.routers["classification"]
         for folder in pre:
-            await manager.load(path=str(folder))
+            await ctx.load(path=str(folder))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
             warm = await http.post("/v1/classify", json={"adapter": pre[0].name, "inputs": [TEXT]})
@@ -162,12 +163,12 @@ async def _ours(work: Path, folders, steps, pre: list[Path], base_path: str, inf
                 assert ok, (r.text, c.text)
         for folder in steps:
             s = time.perf_counter()
-            await manager.load(path=str(folder))
+            await ctx.load(path=str(folder))
             if device == "cuda":
                 torch.cuda.synchronize()
             step.append(time.perf_counter() - s)
-        weights = manager._host[(folders[0].name, 1)]  # validated, in host memory
-        free = engine.num_slots - 1  # the manager fills slots from 1 up and has one more than it needs
+        weights = router.host.get((folders[0].name, 1))  # validated, in host memory
+        free = engine.num_slots - 1  # the router fills slots from 1 up and has one more than it needs
         for _ in folders:
             s = time.perf_counter()
             engine.load_slot(free, weights)
@@ -176,7 +177,7 @@ async def _ours(work: Path, folders, steps, pre: list[Path], base_path: str, inf
             copy.append(time.perf_counter() - s)
         # The first answer's forward alone (one text, the new adapter's slot), next to a plain read of the
         # bytes it must read (weights + that slot's A/B): the floor of any forward on this machine now.
-        ids, slot = engine.tokenize([TEXT]), manager._residents[(folders[0].name, 1)].slot
+        ids, slot = engine.tokenize([TEXT]), router.pool.get((folders[0].name, 1)).slot
         nbytes = weight_bytes(engine.model) + lora_bytes(engine.model, 1)
         read = stream_reader(nbytes, device)
         floor = time_interleaved({"forward": lambda: engine.run(ids, [slot]), "read": read}, warmup=2,
@@ -271,9 +272,10 @@ def _tiny_registry(work: Path, n_adapters: int):
 
 def _churn(work: Path, n_adapters: int, slots: int, requests: int, device: str) -> dict:
     """`n_adapters` tiny adapters, `slots` slots, 32 clients whose requests cycle over all of them."""
-    from service.adapter_cache import AdapterManager
     from service.engine.batcher import ClassifyBatcher
     from service.engine.classifier import ClassifierEngine
+    from service.host_cache import HostCache
+    from service.router import AdapterRouter
 
     s = time.perf_counter()
     model, tok, info, registry = _tiny_registry(work, n_adapters)
@@ -285,7 +287,7 @@ def _churn(work: Path, n_adapters: int, slots: int, requests: int, device: str) 
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     async def main() -> dict:
-        m = AdapterManager(engine, registry, base_ids=set(), max_cpu_adapters=128)
+        m = AdapterRouter(engine, registry, HostCache(128), base_ids=set())
         batcher = ClassifyBatcher(engine, max_batch_size=32, max_wait_ms=1)
         await batcher.start()
         errors, rss = 0, [rss_mib()]
@@ -308,7 +310,7 @@ def _churn(work: Path, n_adapters: int, slots: int, requests: int, device: str) 
         return {"case": "churn", "adapters": n_adapters, "slots": slots, "requests": requests,
                 "errors": errors, "throughput_rps": requests / elapsed,
                 "hit_rate": m.stats["hits"] / requests,
-                "evictions": m.stats["evictions"], "host_cached": len(m._host), "rss_first_mib": rss[0],
+                "evictions": m.pool.evictions, "host_cached": len(m.host), "rss_first_mib": rss[0],
                 "rss_last_mib": rss[-1], "write_adapters_s": write_s}  # fmt: skip
 
     return asyncio.run(main())

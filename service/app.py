@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -14,11 +15,12 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import adapters, classify, health, openai
-from service.api.errors import COMMON_ERRORS, error_response, error_responses, install_error_handlers
 from service.auth import KeyStore, authenticate, require_infer
 from service.config import Settings, load_settings
-from service.context import ServiceContext
+from service.context import ServiceContext, build_engines
+from service.errors import COMMON_ERRORS, error_response, error_responses, install_error_handlers
 from service.limits import AdmissionMiddleware, KeyConcurrency
+from service.request_log import install_request_logging
 
 log = logging.getLogger("loraswap.server")
 
@@ -33,9 +35,10 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await ctx.start(classifier=classifier, generator=generator, registry=registry)
+        engines = await asyncio.to_thread(build_engines, settings, classifier, generator)
+        await ctx.start(engines, registry)
         await _warm_routes(app)
-        log.info("ready: tasks=%s registry=%s", sorted(ctx.managers), settings.registry)
+        log.info("ready: tasks=%s registry=%s", sorted(ctx.engines), settings.registry)
         try:
             yield
         finally:
@@ -55,7 +58,7 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
     if settings.cors_origins:  # opt-in: a browser app on another origin (its JSON POSTs are preflighted)
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["authorization", "content-type", "x-request-id"])
-    _install_optional(app)
+    install_request_logging(app)
     # /health and /ready are open (probes); everything else needs a key when auth is on (routes add scopes;
     # /metrics takes a `metrics` or `admin` key).
     app.include_router(health.router, responses=error_responses(503))
@@ -132,9 +135,3 @@ class RequestMetrics:
                 self.ctx.metrics.observe_request(fields.get("resolved_adapter"), fields["task"], status[0],
                                                  time.perf_counter() - started)
 
-
-def _install_optional(app: FastAPI) -> None:
-    with contextlib.suppress(ImportError):
-        from service.request_log import install_request_logging
-
-        install_request_logging(app)

@@ -36,7 +36,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from adapters.errors import LoraswapError
-from service.api.errors import APIError
+from service.errors import APIError
 
 log = logging.getLogger("loraswap.auth")
 

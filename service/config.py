@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(16384, ge=1)
     max_tokens: int = Field(1024, ge=1, description="upper bound on a request's max_tokens")
     max_concurrent_per_key: int = Field(64, ge=1)
+    max_in_flight: int = Field(512, ge=0, description="API requests admitted at once; more are refused at the"
+                               " edge with 429 + Retry-After before they wait anywhere (0: no bound)")
     request_timeout_s: float = Field(120.0, gt=0)
     grace_period_s: float = Field(30.0, ge=0, description="drain time on SIGTERM")
     # Longer than the idle timeout of clients and load balancers (often 60 s): a server that closes an idle

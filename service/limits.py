@@ -3,6 +3,9 @@
 `AdmissionMiddleware` (pure ASGI, streaming-safe) wraps every HTTP request except the probes and the
 scrape (`/health`, `/ready`, `/metrics`: they answer while draining; /metrics still needs its key):
 
+- more than `max_in_flight` requests already admitted → 429 + `Retry-After` at once, before the body is
+  read: under overload a refusal costs microseconds instead of waiting in the event loop behind the
+  accepted requests (`benchmarks/overload.py`);
 - body larger than `max_body_bytes` → 413 before the body is read: at once from `Content-Length`,
   else as soon as the counted chunks pass the limit (chunked uploads too);
 - while draining (SIGTERM) → 503 + `Retry-After` + `Connection: close`;
@@ -25,7 +28,7 @@ import contextlib
 import json
 import logging
 
-from service.api.errors import APIError
+from service.errors import APIError
 
 log = logging.getLogger("loraswap.limits")
 
@@ -90,6 +93,10 @@ class AdmissionMiddleware:
             return await send_error(send, 503, "server is shutting down; retry on another replica",
                                     "service_unavailable", "draining",
                                     {"Retry-After": "1", "Connection": "close"})
+        bound = settings.max_in_flight
+        if bound and self.ctx.in_flight >= bound:
+            return await send_error(send, 429, f"overloaded: {bound} requests are in flight; retry",
+                                    "rate_limit_error", "overloaded", {"Retry-After": "1"})
         limit = settings.max_body_bytes
         length = _content_length(scope)
         if length is not None and length > limit:

@@ -66,6 +66,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "vllm:num_requests_waiting",
     "vllm:kv_cache_usage_perc",
     "vllm:lora_requests_info",
+    "vllm:lora_adapter_loaded",
+    "vllm:num_gpu_loaded_lora_adapters",
+    "vllm:num_cpu_loaded_lora_adapters",
 )
 
 
@@ -78,6 +81,8 @@ def mark_process_dead(pid: int, multiprocess_dir: str | None = None) -> None:
 
 LORA_INFO = "vllm:lora_requests_info"
 LORA_LIST_LABELS = ("running_lora_adapters", "waiting_lora_adapters")
+ADAPTER_LABELS = ("adapter", "adapter_name")  # labels whose value is one adapter's name
+LOADED_LEVELS = ("gpu", "cpu")  # vLLM's names for our device and host tiers
 
 
 class _ScrapeView:
@@ -101,7 +106,7 @@ class _ScrapeView:
     def _visible(self, family: str, samples: list) -> list:
         keep = self._keep
         if family != LORA_INFO:
-            return [s for s in samples if "adapter" not in s.labels or keep(s.labels["adapter"])]
+            return [s for s in samples if all(keep(s.labels[k]) for k in ADAPTER_LABELS if k in s.labels)]
         # Hidden names leave the lists; series that become alike (multiprocess mode keeps old ones)
         # merge into the newest, the one the endpoint picker reads.
         newest: dict[tuple, Any] = {}
@@ -255,6 +260,21 @@ class Metrics:
             "livemostrecent",
         )
 
+        # Adapters loaded whether or not requests use them (vLLM's proposed gauges): a LoRA-aware router
+        # can then send an adapter's first request in a while to a replica that still holds it.
+        self.vllm_lora_loaded = gauge(
+            "vllm:lora_adapter_loaded",
+            "1 for each LoRA adapter loaded, by level: gpu = in an engine slot (any device), cpu = host memory.",
+            ("adapter_name", "level"),
+            "livemax",
+        )
+        self.vllm_num_loaded = {
+            level: gauge(f"vllm:num_{level}_loaded_lora_adapters",
+                         f"LoRA adapters loaded at level {level} (see vllm:lora_adapter_loaded).", (), "livesum")
+            for level in LOADED_LEVELS
+        }
+        self._loaded: set[tuple[str, str]] = set()
+
         self._engine_state: dict[
             str, tuple[int, int, float | None, tuple[str, ...], tuple[str, ...], int]
         ] = {}
@@ -316,6 +336,21 @@ class Metrics:
 
     def set_resident(self, tier: str, n: int) -> None:
         self.adapters_resident.labels(tier).set(n)
+
+    def set_loaded_adapters(self, loaded: dict[str, set[str]]) -> None:
+        """Adapter names per level ("gpu": device tier, "cpu": host tier); replaces the previous set."""
+        with self._lock:
+            now = {(name, level) for level in LOADED_LEVELS for name in loaded.get(level, ())}
+            for labels in self._loaded - now:
+                if self.multiprocess_dir:  # series cannot be removed there
+                    self.vllm_lora_loaded.labels(*labels).set(0)
+                else:
+                    self.vllm_lora_loaded.remove(*labels)
+            for labels in now - self._loaded:
+                self.vllm_lora_loaded.labels(*labels).set(1)
+            self._loaded = now
+            for level in LOADED_LEVELS:
+                self.vllm_num_loaded[level].set(len(loaded.get(level, ())))
 
     # -- engines -----------------------------------------------------------------------------
 

@@ -165,7 +165,7 @@ async def run_plan(engine, plan: list[tuple[int, int, int, int]], prompts: list[
     try:
         return await asyncio.gather(*(request(i) for i in range(len(plan))))
     finally:
-        engine.stop()
+        engine.shutdown()
 
 
 def greedy(n: int, **kw):

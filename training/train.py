@@ -56,7 +56,6 @@ class TrainResult:
     tokenizer: Any
     trainer: Trainer
     train_seconds: float
-    head: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -308,17 +307,6 @@ def train(recipe: Recipe) -> TrainResult:
             save_bitfit(trainer.model, adapter_dir)
     trainer.accelerator.wait_for_everyone()
 
-    head = {}
-    if recipe.task == "classification":
-        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        for path in head_modules(base):
-            if recipe.method == "lora" and "pooler" in path and not recipe.train_pooler:
-                continue
-            module = base.get_submodule(path)
-            for kind in ("weight", "bias"):
-                tensor = getattr(module, kind, None)
-                if tensor is not None:
-                    head[f"{path}.{kind}"] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).replace("torch.", "")}
     return TrainResult(
         recipe=recipe,
         run_dir=run_dir,
@@ -328,7 +316,6 @@ def train(recipe: Recipe) -> TrainResult:
         tokenizer=tokenizer,
         trainer=trainer,
         train_seconds=seconds,
-        head=head,
         history=list(trainer.state.log_history),
     )
 

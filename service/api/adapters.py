@@ -1,17 +1,19 @@
-"""Adapter management (load, update, unload, aliases), the OpenAI model list, and vLLM's LoRA aliases."""
+"""Adapter management (load, update, unload, aliases), the OpenAI model list, and vLLM's LoRA aliases.
+The JSON of every answer is built here, from the routers' `Residency` rows and the registry."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
 
 from adapters.errors import AdapterNotFoundError
 from service import auth
-from service.api.errors import APIError
 from service.api.inputs import Ref
+from service.router import Residency
 
 router = APIRouter(tags=["adapters"])
 
@@ -41,6 +43,86 @@ class VllmUnloadRequest(BaseModel):
     lora_name: Ref
 
 
+class AdapterResidency(BaseModel):
+    """Where an adapter's served version lives now, and how it is used."""
+
+    name: str
+    version: int | None = Field(description="the version its plain name serves")
+    task: str | None
+    tier: Literal["device", "host", "registry"] = Field(
+        description="device: in an engine slot; host: validated in host memory; registry: files only")
+    device: str | None = Field(description="device type of the slots (cpu, cuda) when tier is device")
+    slot: int | None
+    size_bytes: int | None
+    load_ms: float | None
+    loaded_from: Literal["host", "registry"] | None
+    loaded_at: float | None
+    last_used: float | None
+    requests: int = Field(description="requests served, all versions, since start")
+    version_requests: int
+    in_flight: int
+    resident_versions: list[int]
+    follows: str = Field(description="the ref the registry watch follows (a pinned name@v stays)")
+    source: str | None = Field(None, description="`registry` or the local folder (admin keys only)")
+
+
+class AdapterRow(AdapterResidency):
+    registry_versions: list[int]
+    registry_aliases: dict[str, int]
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterRow]
+
+
+class AdapterDetail(BaseModel):
+    name: str
+    resident: AdapterResidency | None
+    versions: list[int]
+    aliases: dict[str, int]
+    manifest: dict[str, Any] | None = Field(description="loraswap.json (dataset/training/files: admin keys only)")
+
+
+class LoadResponse(BaseModel):
+    name: str
+    version: int
+    task: str
+    slot: int
+    load_ms: float
+
+
+class UnloadResponse(BaseModel):
+    name: str
+    unloaded: bool
+
+
+class AliasResponse(BaseModel):
+    name: str
+    aliases: dict[str, int]
+
+
+class VllmLoadResponse(BaseModel):
+    name: str
+    version: int
+    task: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loraswap"
+    parent: str | None
+    task: str
+    version: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 def _registry_view(ctx, name: str) -> dict:
     reg = ctx.registry
     versions = reg.versions(name)
@@ -60,47 +142,49 @@ async def _check_load(request: Request, ref: str | None, path: str | None) -> No
         auth.check_adapter(request, manifest.name, param="path")
 
 
-def _resident(ctx) -> dict[str, dict]:
-    return {row["name"]: row for m in ctx.managers.values() for row in m.describe()}
-
-
 # Admin-only details (auth.sees_internals): how an adapter was trained, on which data, and where it lives.
 PRIVATE_MANIFEST_FIELDS = frozenset({"dataset", "training", "files"})
-PRIVATE_RESIDENCY_FIELDS = frozenset({"source"})  # a local path when loaded from one
 
 
-def _shown(request: Request, row: dict | None, private: frozenset[str]) -> dict | None:
-    """`row` as the caller may see it: whole for admin keys and auth-off servers, else without `private`."""
-    if row is None or auth.sees_internals(request):
-        return row
-    return {k: v for k, v in row.items() if k not in private}
+def _residency(request: Request, row: Residency) -> dict:
+    """A residency row as the caller may see it: `source` (a local path when loaded from one) only for admin
+    keys and auth-off servers (the route leaves unset fields out)."""
+    fields = {k: v for k, v in vars(row).items() if k != "source"}
+    if auth.sees_internals(request):
+        fields["source"] = row.source
+    return fields
 
 
-@router.get("/v1/adapters", summary="Adapters in the registry and their residency",
-            dependencies=[Depends(auth.require_key)])
-async def list_adapters(request: Request) -> dict:
+def _registry_only(name: str) -> dict:
+    return dict(name=name, version=None, task=None, tier="registry", device=None, slot=None, size_bytes=None,
+                load_ms=None, loaded_from=None, loaded_at=None, last_used=None, requests=0, version_requests=0,
+                in_flight=0, resident_versions=[], follows=name)
+
+
+@router.get("/v1/adapters", summary="Adapters in the registry and their residency", response_model=AdapterList,
+            response_model_exclude_unset=True, dependencies=[Depends(auth.require_key)])
+async def list_adapters(request: Request) -> AdapterList:
     ctx = request.app.state.ctx
-    resident = _resident(ctx)
+    resident = {row.name: row for row in ctx.residency()}
     names = sorted(set(await asyncio.to_thread(ctx.registry.names)) | set(resident))
-    names = [n for n in names if auth.allowed(request, n)]
     data = []
-    for name in names:
+    for name in [n for n in names if auth.allowed(request, n)]:
         try:
             reg = await asyncio.to_thread(_registry_view, ctx, name)
         except AdapterNotFoundError:
             reg = {"versions": [], "aliases": {}}
-        row = resident.get(name, {"name": name, "tier": "registry", "version": None, "requests": 0})
-        row = _shown(request, row, PRIVATE_RESIDENCY_FIELDS)
-        data.append({**row, **{"registry_" + k: v for k, v in reg.items()}})
-    return {"object": "list", "data": data}
+        row = _residency(request, resident[name]) if name in resident else _registry_only(name)
+        data.append(AdapterRow(**row, registry_versions=reg["versions"], registry_aliases=reg["aliases"]))
+    return AdapterList(object="list", data=data)  # set explicitly: the route leaves unset fields out
 
 
 @router.get("/v1/adapters/{name}", summary="One adapter: versions, aliases, residency, manifest",
+            response_model=AdapterDetail, response_model_exclude_unset=True,
             dependencies=[Depends(auth.require_key)])
-async def get_adapter(name: str, request: Request) -> dict:
+async def get_adapter(name: str, request: Request) -> AdapterDetail:
     auth.check_adapter(request, name, param="name")
     ctx = request.app.state.ctx
-    resident = _resident(ctx).get(name)
+    resident = next((row for row in ctx.residency() if row.name == name), None)
     try:
         reg = await asyncio.to_thread(_registry_view, ctx, name)
         latest = await asyncio.to_thread(ctx.registry.resolve, name)
@@ -109,48 +193,44 @@ async def get_adapter(name: str, request: Request) -> dict:
         if resident is None:
             raise
         reg, manifest = {"versions": [], "aliases": {}}, None
-    return {"name": name, "resident": _shown(request, resident, PRIVATE_RESIDENCY_FIELDS), **reg,
-            "manifest": _shown(request, manifest, PRIVATE_MANIFEST_FIELDS)}
+    if manifest is not None and not auth.sees_internals(request):
+        manifest = {k: v for k, v in manifest.items() if k not in PRIVATE_MANIFEST_FIELDS}
+    return AdapterDetail(name=name, resident=None if resident is None else _residency(request, resident), **reg,
+                         manifest=manifest)
 
 
 @router.post("/v1/adapters", summary="Load or update an adapter from the registry or a path",
-             dependencies=[Depends(auth.require_admin)])
-async def load_adapter(body: LoadRequest, request: Request) -> dict:
+             response_model=LoadResponse, dependencies=[Depends(auth.require_admin)])
+async def load_adapter(body: LoadRequest, request: Request) -> LoadResponse:
     ctx = request.app.state.ctx
     await _check_load(request, body.adapter, body.path)
     started = time.perf_counter()
     task, resident = await ctx.load(ref=body.adapter, path=body.path)
-    return {"name": resident.name, "version": resident.version, "task": task, "slot": resident.slot,
-            "load_ms": round((time.perf_counter() - started) * 1e3, 3)}
+    return LoadResponse(name=resident.name, version=resident.version, task=task, slot=resident.slot,
+                        load_ms=round((time.perf_counter() - started) * 1e3, 3))
 
 
 @router.delete("/v1/adapters/{name}", summary="Unload an adapter (in-flight requests finish)",
-               dependencies=[Depends(auth.require_admin)])
-async def unload_adapter(name: str, request: Request) -> dict:
+               response_model=UnloadResponse, dependencies=[Depends(auth.require_admin)])
+async def unload_adapter(name: str, request: Request) -> UnloadResponse:
     auth.check_adapter(request, name, param="name")
-    ctx = request.app.state.ctx
-    for manager in ctx.managers.values():
-        try:
-            await manager.unload(name)
-            return {"name": name, "unloaded": True}
-        except AdapterNotFoundError:
-            continue
-    raise APIError(404, f"adapter {name!r} is not loaded", code="adapter_not_found")
+    await request.app.state.ctx.unload(name)
+    return UnloadResponse(name=name, unloaded=True)
 
 
 @router.post("/v1/adapters/{name}/aliases", summary="Point an alias (e.g. stable) at a version",
-             dependencies=[Depends(auth.require_admin)])
-async def set_alias(name: str, body: AliasRequest, request: Request) -> dict:
+             response_model=AliasResponse, dependencies=[Depends(auth.require_admin)])
+async def set_alias(name: str, body: AliasRequest, request: Request) -> AliasResponse:
     auth.check_adapter(request, name, param="name")
     ctx = request.app.state.ctx
     await asyncio.to_thread(ctx.registry.set_alias, name, body.alias, body.version)
-    for manager in ctx.managers.values():
-        await manager.refresh()
-    return {"name": name, "aliases": await asyncio.to_thread(ctx.registry.aliases, name)}
+    await ctx.refresh()
+    return AliasResponse(name=name, aliases=await asyncio.to_thread(ctx.registry.aliases, name))
 
 
-@router.post("/v1/load_lora_adapter", summary="vLLM-compatible load", dependencies=[Depends(auth.require_admin)])
-async def vllm_load(body: VllmLoadRequest, request: Request) -> dict:
+@router.post("/v1/load_lora_adapter", summary="vLLM-compatible load", response_model=VllmLoadResponse,
+             dependencies=[Depends(auth.require_admin)])
+async def vllm_load(body: VllmLoadRequest, request: Request) -> VllmLoadResponse:
     ctx = request.app.state.ctx
     auth.check_adapter(request, body.lora_name, param="lora_name")
     await _check_load(request, None if body.lora_path else body.lora_name, body.lora_path)
@@ -158,28 +238,23 @@ async def vllm_load(body: VllmLoadRequest, request: Request) -> dict:
         task, resident = await ctx.load(path=body.lora_path)
     else:
         task, resident = await ctx.load(ref=body.lora_name)
-    return {"name": resident.name, "version": resident.version, "task": task}
+    return VllmLoadResponse(name=resident.name, version=resident.version, task=task)
 
 
-@router.post("/v1/unload_lora_adapter", summary="vLLM-compatible unload",
+@router.post("/v1/unload_lora_adapter", summary="vLLM-compatible unload", response_model=UnloadResponse,
              dependencies=[Depends(auth.require_admin)])
-async def vllm_unload(body: VllmUnloadRequest, request: Request) -> dict:
+async def vllm_unload(body: VllmUnloadRequest, request: Request) -> UnloadResponse:
     return await unload_adapter(body.lora_name, request)
 
 
-@router.get("/v1/models", summary="Base models and adapters (OpenAI list shape)",
+@router.get("/v1/models", summary="Base models and adapters (OpenAI list shape)", response_model=ModelList,
             dependencies=[Depends(auth.require_key)])
-async def list_models(request: Request) -> dict:
+async def list_models(request: Request) -> ModelList:
     ctx = request.app.state.ctx
     created = int(time.time())
-    data = []
-    for task in sorted(ctx.managers):
-        base = ctx.base_id(task)
-        if not auth.allowed(request, base):
-            continue
-        data.append({"id": base, "object": "model", "created": created, "owned_by": "loraswap", "parent": None,
-                     "task": task})
-    bases = {task: ctx.base_id(task) for task in ctx.managers}
+    bases = {task: ctx.base_id(task) for task in sorted(ctx.engines)}
+    data = [ModelCard(id=base, created=created, parent=None, task=task)
+            for task, base in bases.items() if auth.allowed(request, base)]
     for name in await asyncio.to_thread(ctx.registry.names):
         if not auth.allowed(request, name):
             continue
@@ -189,7 +264,6 @@ async def list_models(request: Request) -> dict:
         except Exception:  # a broken entry must not hide the others
             continue
         if manifest.task in bases:
-            data.append({"id": name, "object": "model", "created": int(manifest.created_at.timestamp()),
-                         "owned_by": "loraswap", "parent": bases[manifest.task], "task": manifest.task,
-                         "version": key[1]})
-    return {"object": "list", "data": data}
+            data.append(ModelCard(id=name, created=int(manifest.created_at.timestamp()),
+                                  parent=bases[manifest.task], task=manifest.task, version=key[1]))
+    return ModelList(data=data)

@@ -10,11 +10,11 @@ import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from adapters.errors import LoraswapError
+from adapters.errors import EngineError, LoraswapError
 from service import auth
-from service.api.errors import APIError
 from service.api.inputs import Ref, check_text
-from service.engine.batcher import QueueFullError
+from service.engine.classifier import ClassifierEngine
+from service.errors import APIError
 from service.limits import tenant_of
 
 router = APIRouter(tags=["classify"])
@@ -70,7 +70,8 @@ def _check_limits(texts: list[str], settings) -> None:
 @router.post("/v1/classify", response_model=ClassifyResponse)
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     ctx = request.app.state.ctx
-    if ctx.batcher is None:
+    engine = ctx.engines.get("classification")
+    if not isinstance(engine, ClassifierEngine):
         raise APIError(404, "this server has no classification base model", code="task_unavailable")
     auth.check_adapter(request, body.adapter)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
@@ -78,20 +79,20 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
                                 "adapter": body.adapter, "task": "classification"}
     started = time.perf_counter()
-    async with ctx.managers["classification"].lease(body.adapter) as lease:
-        request.state.log_fields["resolved_adapter"] = lease.name or body.adapter
+    async with ctx.lease("classification", body.adapter) as lease:
+        name = request.state.log_fields["resolved_adapter"] = lease.name or body.adapter
+
+        def waited(seconds: float) -> None:
+            ctx.metrics.observe_queue_wait(name, "classification", seconds)
+
         try:
-            logits = await ctx.batcher.submit(texts, lease.slot, tenant_of(request))
-        except QueueFullError as exc:
-            raise APIError(429, f"overloaded: {exc}", headers={"Retry-After": "1"}) from exc
-        except (LoraswapError, asyncio.CancelledError):
+            logits = await engine.submit(texts, lease.slot, tenant_of(request), on_start=waited)
+        except (LoraswapError, asyncio.CancelledError):  # overloaded, a failed row...: their own status
             raise
         except Exception as exc:  # the batch failed (e.g. out of memory): only its requests fail, retryable
             rid = getattr(request.state, "request_id", None)
             log.exception("classification batch failed (request_id=%s)", rid)
-            raise APIError(503, f"inference failed in the engine; retry (request id {rid})", code="engine_error",
-                           headers={"Retry-After": "1"}) from exc
-    name = lease.name or body.adapter
+            raise EngineError(f"inference failed in the engine; retry (request id {rid})") from exc
     request.state.log_fields.update(adapter=name, version=lease.version, inputs=len(texts),
                                     compute_ms=round((time.perf_counter() - started) * 1e3, 3))
     results = []

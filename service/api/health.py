@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from service import auth
-from service.api.errors import APIError, error_responses
+from service.errors import APIError, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -23,7 +23,7 @@ async def ready(request: Request) -> dict:
         raise APIError(503, "draining: shutting down", code="draining")
     if not ctx.ready:
         raise APIError(503, "starting: base models are loading", code="not_ready")
-    return {"status": "ready", "tasks": sorted(ctx.managers)}
+    return {"status": "ready", "tasks": sorted(ctx.engines)}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

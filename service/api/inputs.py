@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from service.api.errors import APIError
+from adapters.errors import InvalidInputError
 
 REF_MAX_CHARS = 256
 # No whitespace or control characters: a ref is an adapter name (+ @version/@alias) or a base model id/path.
@@ -27,5 +27,5 @@ def check_text(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise APIError(400, f"{param} is not valid Unicode text: lone surrogate at character {exc.start}",
-                       param=param, code="invalid_text") from None
+        raise InvalidInputError(f"{param} is not valid Unicode text: lone surrogate at character {exc.start}",
+                                param=param) from None

@@ -18,12 +18,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from adapters.errors import LoraswapError
+from adapters.errors import ContextLengthError, EngineError, InvalidInputError, LoraswapError
 from service import auth
-from service.api.errors import APIError, ErrorBody
 from service.api.inputs import SEED_MAX, SEED_MIN, TOP_K_MAX, Ref, Short, check_text
-from service.engine.generator import Delta, EngineOverloadedError
+from service.context import ServiceContext
+from service.engine.generator import Delta, GeneratorEngine
 from service.engine.sampling import SamplingParams
+from service.errors import APIError, ErrorBody
 from service.limits import tenant_of
 
 router = APIRouter(tags=["openai"])
@@ -139,11 +140,12 @@ class ChatCompletionChunk(BaseModel):
 
 
 # --- shared plumbing ------------------------------------------------------------------------------------
-def _engine(request: Request):
+def _engine(request: Request) -> tuple[ServiceContext, GeneratorEngine]:
     ctx = request.app.state.ctx
-    if ctx.generator is None or "generation" not in ctx.managers:
+    engine = ctx.engines.get("generation")
+    if not isinstance(engine, GeneratorEngine):
         raise APIError(404, "this server has no generation base model", code="task_unavailable")
-    return ctx, ctx.generator
+    return ctx, engine
 
 
 def _params(
@@ -151,12 +153,10 @@ def _params(
 ) -> SamplingParams:
     room = engine.max_model_len - prompt_len
     if room < 1:
-        raise APIError(
-            400,
+        raise ContextLengthError(
             f"the prompt has {prompt_len} tokens; this model's context is {engine.max_model_len} "
             "tokens (prompt + at least one generated token)",
             param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded",
         )
     if max_tokens is not None and max_tokens > settings.max_tokens:
         raise APIError(
@@ -166,7 +166,7 @@ def _params(
         )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
-        raise APIError(400, "at most 4 stop strings", param="stop")
+        raise InvalidInputError("at most 4 stop strings", param="stop")
     # Generation stops at the context end anyway (finish_reason "length"), so clamp instead of refusing.
     wanted = max_tokens if max_tokens is not None else min(room, settings.max_tokens)
     return SamplingParams(
@@ -190,15 +190,15 @@ def _check_length(text: str, tokenizer, context: int, param: str) -> None:
     """Refuse, without tokenizing, a text that must have more tokens than the context holds: tokenizing
     hundreds of KB takes seconds and holds the GIL while its ids become Python ints."""
     if len(text) > context * _max_token_chars(tokenizer):
-        raise APIError(400, f"the {param} has {len(text)} characters, more than this model's context of"
-                            f" {context} tokens can hold", param=param, code="context_length_exceeded")
+        raise ContextLengthError(f"the {param} has {len(text)} characters, more than this model's context of"
+                                 f" {context} tokens can hold", param=param)
 
 
 def _prompt_ids(body: CompletionRequest, tokenizer, vocab: int, context: int) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported", param="prompt")
+            raise InvalidInputError("only one prompt per request is supported", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
         check_text(prompt, "prompt")
@@ -207,21 +207,21 @@ def _prompt_ids(body: CompletionRequest, tokenizer, vocab: int, context: int) ->
     else:
         ids = list(prompt)
         if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+            raise InvalidInputError(f"token ids must be in [0, {vocab})", param="prompt")
     if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
+        raise InvalidInputError("the prompt is empty", param="prompt")
     return ids
 
 
 def _chat_ids(body: ChatCompletionRequest, tokenizer, context: int) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "the base model has no chat template; use /v1/completions", param="messages")
+        raise InvalidInputError("the base model has no chat template; use /v1/completions", param="messages")
     messages = []
     for m in body.messages:
         content = m.content
         if isinstance(content, list):  # content parts: only text is supported
             if any(p.get("type") != "text" for p in content):
-                raise APIError(400, "only text content parts are supported", param="messages")
+                raise InvalidInputError("only text content parts are supported", param="messages")
             content = "".join(str(p.get("text", "")) for p in content)
         check_text(content or "", "messages")
         messages.append({"role": m.role, "content": content or ""})
@@ -248,28 +248,19 @@ class _Run:
 
     async def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         try:
-            lease = await self.stack.enter_async_context(self.ctx.managers["generation"].lease(self.model))
+            lease = await self.stack.enter_async_context(self.ctx.lease("generation", self.model))
             self.adapter = self.log_fields["resolved_adapter"] = lease.name or self.model
             self.deltas = await self.stack.enter_async_context(
                 contextlib.aclosing(self.engine.generate(prompt_ids, params, lease.slot, self.tenant))
             )
             self.first = await self.deltas.__anext__()
-        except EngineOverloadedError as exc:
-            await self.stack.aclose()
-            raise APIError(429, f"overloaded: {exc.message}", headers={"Retry-After": "1"}) from exc
-        except ValueError as exc:
-            await self.stack.aclose()
-            raise APIError(
-                400, str(exc), code="context_length_exceeded" if "context" in str(exc) else None
-            ) from exc
-        except (LoraswapError, APIError):  # unknown adapter, wrong task...: their own status
+        except LoraswapError:  # unknown adapter, wrong task, context, overload...: their own status
             await self.stack.aclose()
             raise
         except Exception as exc:  # the engine step failed (e.g. out of memory): only its requests fail, retryable
             await self.stack.aclose()
             log.exception("generation failed before the first token")
-            raise APIError(503, "inference failed in the engine; retry", code="engine_error",
-                           headers={"Retry-After": "1"}) from exc
+            raise EngineError("inference failed in the engine; retry") from exc
         except BaseException:
             await self.stack.aclose()
             raise
@@ -280,6 +271,8 @@ class _Run:
         now = time.perf_counter()
         self.last = now
         if metrics is not None:
+            if self.first.queue_wait is not None:
+                metrics.observe_queue_wait(self.adapter, "generation", self.first.queue_wait)
             metrics.observe_ttft(self.adapter, now - self.started)
             metrics.add_tokens(self.adapter, "prompt", prompt_tokens)
 

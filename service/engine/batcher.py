@@ -16,16 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from adapters.errors import LoraswapError
-from service.engine.sampling import RowFailedError
+from adapters.errors import OverloadedError, RowFailedError
 
 BatchCallback = Callable[[int, int, list[float]], None]
 
 
-class QueueFullError(LoraswapError):
+class QueueFullError(OverloadedError):
     """Too many requests waiting: the service answers 429 with Retry-After."""
-
-    status = 429
 
 
 @dataclass(eq=False)
@@ -34,11 +31,13 @@ class _Request:
     slot: int
     future: asyncio.Future
     tenant: str | None = None  # the API key's id: the unit of fair sharing (None: auth off)
-    submitted: float = field(default_factory=time.perf_counter)
+    submitted: float = field(default_factory=time.perf_counter)  # queued (tokenized)
+    arrived: float = 0.0  # submit called (before tokenizing)
     results: list[Tensor | None] = field(default_factory=list)
     next_row: int = 0  # rows before this one are already in a batch
     done_rows: int = 0
     sparse: bool = False  # nothing else arrived within max_wait before it: do not wait for company
+    on_start: Callable[[float], None] | None = None  # told the queue wait when its first row runs
 
     @property
     def started(self) -> bool:
@@ -121,23 +120,25 @@ class ClassifyBatcher:
         self._model_thread.shutdown(wait=True)
         self._token_thread.shutdown(wait=True)
 
-    async def submit(self, texts: str | Sequence[str], slot: int, tenant: str | None = None) -> list[Tensor]:
+    async def submit(self, texts: str | Sequence[str], slot: int, tenant: str | None = None,
+                     on_start: Callable[[float], None] | None = None) -> list[Tensor]:
         """Logits for each text through `slot` (trimmed to its label count). Raises QueueFullError, also
-        when `tenant` already has `max_tenant_tokens` tokens queued."""
+        when `tenant` already has `max_tenant_tokens` tokens queued. `on_start(seconds)` is called once, with
+        the time from submit to the request's first batch (its queue wait, tokenizing included)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
         # Requests still waiting for the tokenizer count: under a burst they queue there, not in _pending.
         if len(self._pending) + self._tokenizing >= self.max_queue:
             raise QueueFullError(f"classification queue is full ({self.max_queue} requests waiting)")
-        loop = asyncio.get_running_loop()
+        loop, arrived = asyncio.get_running_loop(), time.perf_counter()
         self._tokenizing += 1
         try:
             rows = await loop.run_in_executor(self._token_thread, self.engine.tokenize, texts)
         finally:
             self._tokenizing -= 1
         request = _Request(rows=rows, slot=slot, future=loop.create_future(), results=[None] * len(rows),
-                           tenant=tenant)
+                           tenant=tenant, on_start=on_start, arrived=arrived)
         queued = sum(r.outstanding_tokens for r in {*self._pending, *self._running} if r.tenant == tenant)
         if queued and queued + request.outstanding_tokens > self.max_tenant_tokens:
             raise QueueFullError(f"this key already has {queued} tokens queued for classification"
@@ -278,11 +279,15 @@ class ClassifyBatcher:
             for request in requests:
                 self._finish(request, exc)
             return
-        if self.on_batch is not None:
-            try:
+        try:  # metrics must never break serving
+            for request in requests:
+                if request.on_start is not None:
+                    request.on_start(started - request.arrived)
+                    request.on_start = None  # its first batch only
+            if self.on_batch is not None:
                 self.on_batch(len(batch), len(set(slots)), [started - r.submitted for r in requests])
-            except Exception:  # metrics must never break serving
-                pass
+        except Exception:
+            pass
         for (request, i), logits in zip(batch, out, strict=True):
             if request.future.done():
                 continue

@@ -5,16 +5,23 @@ different label counts) share one forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.errors import AdapterValidationError
+from adapters.format import AdapterWeights
+from service.engine.batcher import ClassifyBatcher
 from service.engine.heads import SlotHeads, family_of
 from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
 from service.engine.packed_linear import pack_block_linears
+from service.engine.protocol import EngineStats, StepObserver
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 
 def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
@@ -41,13 +48,14 @@ def _bert_layers(encoder: nn.Module) -> list[nn.Module] | None:
 
 
 class ClassifierEngine:
-    """Base encoder + multi-LoRA slots + per-slot heads. Implements SlotEngine (docs/ARCHITECTURE.md).
+    """Base encoder + multi-LoRA slots + per-slot heads. Implements `Engine` (engine/protocol.py); while
+    started, its `batcher` mixes requests of any adapters into batches (`submit`).
 
     One forward at a time (the batcher calls it from a single worker thread); load/clear of a slot
-    that no in-flight request uses is safe meanwhile (the adapter manager's leases guarantee that).
+    that no in-flight request uses is safe meanwhile (the router's leases guarantee that).
     """
 
-    task = "classification"
+    tasks = frozenset({"classification"})
 
     def __init__(
         self,
@@ -71,7 +79,7 @@ class ClassifierEngine:
             from adapters.fingerprint import describe_base
 
             base_info = describe_base(
-                model, getattr(model.config, "_name_or_path", "") or "encoder", self.task
+                model, getattr(model.config, "_name_or_path", "") or "encoder", "classification"
             )
         self.base_info = base_info
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -109,12 +117,40 @@ class ClassifierEngine:
                 for name in family.shared_row_methods:
                     if hasattr(module, name):
                         setattr(module, name, self._one_shared_row(getattr(module, name)))
-        self.labels: list[list[str] | None] = [None] * num_slots
-        id2label = getattr(model.config, "id2label", None) or {}
-        self.labels[0] = [id2label.get(i, f"LABEL_{i}") for i in range(self.heads.num_labels[0])]
+        self.batcher: ClassifyBatcher | None = None
 
-    # SlotEngine ---------------------------------------------------------------------------------
-    def load_slot(self, slot: int, weights: Any) -> None:
+    @property
+    def base_labels(self) -> list[str] | None:
+        """The base model's own label names (what slot 0 answers with), if its config names them."""
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        return [id2label[i] for i in sorted(id2label)] if id2label else None
+
+    # Engine -------------------------------------------------------------------------------------
+    async def start(self, settings: Settings, on_step: StepObserver | None = None) -> None:
+        if self.batcher is None:
+            on_batch = None if on_step is None else lambda size, distinct, waits: on_step(size, distinct)
+            self.batcher = ClassifyBatcher(
+                self, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, on_batch=on_batch,
+                max_tenant_tokens=settings.max_tenant_tokens, shared_batch_tokens=settings.shared_batch_tokens)
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    def stats(self) -> EngineStats:
+        b = self.batcher
+        return EngineStats(running=b.running if b else 0, waiting=b.queue_depth if b else 0)
+
+    async def submit(self, texts: Sequence[str], slot: int, tenant: str | None = None,
+                     on_start: Callable[[float], None] | None = None) -> list[Tensor]:
+        """Logits per text through `slot`, batched with other requests (see ClassifyBatcher.submit)."""
+        if self.batcher is None:
+            raise RuntimeError("the classifier engine is not started")
+        return await self.batcher.submit(texts, slot, tenant, on_start=on_start)
+
+    def load_slot(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an AdapterWeights (LoRA + modules_to_save head) into `slot`; validated before any write.
 
         LoRA on a wrapped Linear goes into the slot's LoRA stacks; LoRA on a head Linear (PEFT's `dense` and
@@ -124,22 +160,20 @@ class ClassifierEngine:
         in_head = {p: m for p, m in weights.lora.items() if p not in self.slots.modules}
         for path in in_head:
             if path not in self.heads.linears:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"adapter targets {path!r}, which is neither a wrapped LoRA module nor a head module"
                     " this engine keeps per slot"
                 )
         modules, num_labels = self.heads.prepare(dict(weights.head), in_head)
         labels = list(getattr(weights.manifest, "labels", None) or [])
         if labels and len(labels) != num_labels:
-            raise ValueError(f"manifest has {len(labels)} labels but the head has {num_labels} rows")
+            raise AdapterValidationError(f"manifest has {len(labels)} labels but the head has {num_labels} rows")
         self.slots.load(slot, lora)  # validates LoRA shapes (and the slot number) before writing
         self.heads.install(slot, modules, num_labels)
-        self.labels[slot] = labels or [f"LABEL_{i}" for i in range(num_labels)]
 
     def clear_slot(self, slot: int) -> None:
         self.slots.clear(slot)
         self.heads.clear(slot)
-        self.labels[slot] = None
 
     # Inference ----------------------------------------------------------------------------------
     def num_labels(self, slot: int) -> int:
@@ -150,9 +184,9 @@ class ClassifierEngine:
         return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
 
     @torch.inference_mode()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Sequence[int] | Tensor) -> Tensor:
         """[B, L_max] logits, row i through slot_ids[i]'s LoRA and head; padded label columns are -inf."""
-        slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=self.device)
+        slot_ids = slot_ids.tolist() if isinstance(slot_ids, Tensor) else [int(s) for s in slot_ids]
         padded = not bool(attention_mask.all())  # before the move: no device sync for CPU-built masks
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.per_slot:
@@ -165,16 +199,17 @@ class ClassifierEngine:
                 hidden = self._encode(input_ids, attention_mask if padded else None)
         return self.heads(hidden, attention_mask, slot_ids)
 
-    def _encode_per_slot(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:
+    def _encode_per_slot(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: list[int]) -> Tensor:
         """The encoder's own forward once per distinct slot, over that slot's rows."""
         hidden = None
-        for slot in torch.unique(slot_ids).tolist():
-            rows = (slot_ids == slot).nonzero().squeeze(1)
-            with self.slots.use(slot_ids.index_select(0, rows)):
+        for slot in sorted(set(slot_ids)):
+            index = [i for i, s in enumerate(slot_ids) if s == slot]
+            rows = torch.tensor(index, device=input_ids.device)
+            with self.slots.use([slot] * len(index)):
                 ids, mask = input_ids.index_select(0, rows), attention_mask.index_select(0, rows)
                 out = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             if hidden is None:
-                hidden = out.new_empty((slot_ids.shape[0], *out.shape[1:]))
+                hidden = out.new_empty((len(slot_ids), *out.shape[1:]))
             hidden[rows] = out
         return hidden
 
@@ -183,14 +218,14 @@ class ClassifierEngine:
         state, slots = self.slots.state, self.slots
 
         def call(*args, **kwargs):
-            rows = state.slot_ids
-            if rows is None or rows.shape[0] <= 1:
+            rows, device = state.slot_list, state.slot_ids.device if state.slot_ids is not None else None
+            if rows is None or len(rows) <= 1:
                 return method(*args, **kwargs)
-            state.set(rows[:1], False, slots.extra_slots)  # every row has this slot (_encode_per_slot)
+            state.set(rows[:1], False, slots.extra_slots, device)  # every row has this slot (_encode_per_slot)
             try:
                 return method(*args, **kwargs)
             finally:
-                state.set(rows, False, slots.extra_slots)
+                state.set(rows, False, slots.extra_slots, device)
 
         return call
 
@@ -223,7 +258,7 @@ class ClassifierEngine:
         for i, r in enumerate(rows):  # right padding: the CLS token stays at position 0
             input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
             attention_mask[i, : len(r)] = 1
-        out = self.logits(input_ids, attention_mask, torch.as_tensor(list(slot_ids))).float().cpu()
+        out = self.logits(input_ids, attention_mask, list(slot_ids)).float().cpu()
         return [out[i, : self.num_labels(s)] for i, s in enumerate(slot_ids)]
 
     def classify(self, texts: Sequence[str], slot_ids: Sequence[int]) -> list[Tensor]:

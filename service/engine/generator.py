@@ -8,33 +8,37 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from adapters.errors import LoraswapError
+from adapters.errors import ContextLengthError, OverloadedError
+from adapters.format import AdapterWeights
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.decoders import decoder_for
 from service.engine.kv_cache import KVCache
 from service.engine.lora_model import inject_multi_lora
 from service.engine.model_runner import ModelRunner
 from service.engine.packed_linear import pack_block_linears
+from service.engine.protocol import EngineStats, StepObserver
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
 
+if TYPE_CHECKING:
+    from service.config import Settings
+
 log = logging.getLogger(__name__)
 
 
-class EngineOverloadedError(LoraswapError):
+class EngineOverloadedError(OverloadedError):
     """Too many requests are waiting for a KV row; the API answers 429 + Retry-After."""
-
-    status = 429
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Delta:
     finish_reason: str | None  # "stop" | "length" | None
     prompt_tokens: int
     completion_tokens: int
+    queue_wait: float | None = None  # first delta only: seconds from generate() to the request's prefill
 
 
 class Detokenizer:
@@ -114,9 +119,10 @@ class _Stream:
 
 
 class GeneratorEngine:
-    """Implements the SlotEngine protocol for task "generation" (see docs/ARCHITECTURE.md)."""
+    """Implements `Engine` (engine/protocol.py) for generation adapters."""
 
-    task = "generation"
+    tasks = frozenset({"generation"})
+    base_labels = None
 
     def __init__(
         self,
@@ -150,7 +156,7 @@ class GeneratorEngine:
                         model.config.model_type, dec.max_positions, max_model_len, dec.max_positions)  # fmt: skip
             max_model_len = dec.max_positions
         self.model, self.tokenizer, self.base_info = model, tokenizer, base_info
-        self.device = torch.device(device)  # the adapter manager pins host weights for a CUDA engine
+        self.device = torch.device(device)  # the host cache page-locks adapters for a CUDA engine
         self.num_slots, self.max_rank = num_slots, max_rank
         self.max_model_len, self.max_waiting = max_model_len, max_waiting
         self.max_tenant_tokens = max_tenant_tokens  # prompt tokens one API key may have in flight
@@ -178,6 +184,7 @@ class GeneratorEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.on_step: StepObserver | None = None
 
     @staticmethod
     def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -192,8 +199,18 @@ class GeneratorEngine:
                 ids.update(source)
         return ids
 
-    # --- SlotEngine ---------------------------------------------------------------------------------
-    def load_slot(self, slot: int, weights: Any) -> None:
+    # --- Engine -------------------------------------------------------------------------------------
+    async def start(self, settings: Settings, on_step: StepObserver | None = None) -> None:
+        """The engine thread starts on the first request; its limits were set at construction."""
+        self.on_step = on_step
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self.running, waiting=self.waiting, kv_cache_usage=self.kv_cache.usage)
+
+    def load_slot(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an adapter (`.lora`) into `slot`. The caller guarantees no running request uses it."""
         self.slots.load(slot, weights.lora)
 
@@ -221,14 +238,15 @@ class GeneratorEngine:
     def waiting_slots(self) -> list[int]:
         return sorted({s.slot for s in list(self.scheduler.waiting) + list(self._inbox)})
 
-    # --- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> None:
+    # --- engine thread lifecycle -----------------------------------------------------------------------
+    def _start_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="generator-engine", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float | None = 10.0) -> None:
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the engine thread (blocking); requests not finished fail."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -240,13 +258,13 @@ class GeneratorEngine:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, slot: int = 0, tenant: str | None = None
     ) -> AsyncIterator[Delta]:
-        """Stream deltas for one request. Raises ValueError (bad prompt/slot) or EngineOverloadedError
+        """Stream deltas for one request. Raises ContextLengthError (prompt too long) or EngineOverloadedError
         before the first delta (also when `tenant`, an API key, already has `max_tenant_tokens` prompt
         tokens in flight); closing/cancelling the iterator frees the sequence within one step."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot must be in [0, {self.num_slots}), got {slot}")
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
             )
         if self.waiting >= self.max_waiting:
@@ -270,7 +288,7 @@ class GeneratorEngine:
         params = seq.params
         stream = _Stream(asyncio.get_running_loop(), Detokenizer(self.tokenizer, seq.token_ids, params.stop))
         self._streams[seq.seq_id] = stream
-        self.start()
+        self._start_thread()
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
@@ -320,6 +338,10 @@ class GeneratorEngine:
             if not self.scheduler.has_work():
                 continue
             seqs, is_prefill = self.scheduler.schedule()
+            if is_prefill:
+                now = time.perf_counter()
+                for seq in seqs:
+                    seq.queue_wait = now - seq.arrival
             try:
                 tokens = self.runner.run(seqs, is_prefill)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine thread
@@ -327,6 +349,11 @@ class GeneratorEngine:
                 self._fail(seqs, [exc] * len(seqs))
                 continue
             self.steps += 1
+            if self.on_step is not None:
+                try:
+                    self.on_step(len(seqs), len({s.slot for s in seqs}))
+                except Exception:  # noqa: BLE001 - metrics must never break serving
+                    log.exception("step observer failed")
             # A row that gave no token (non-finite logits, a sampling error) ends its own request only. The
             # others are recorded first: freeing a failed row's KV moves other rows' caches, and those moves
             # must include what this step wrote.
@@ -375,8 +402,10 @@ class GeneratorEngine:
         if stopped and not seq.is_finished:
             self.scheduler.finish(seq, "stop")
         new_ids = seq.completion_ids[stream.sent_tokens :]
+        first = stream.sent_tokens == 0
         stream.sent_tokens += len(new_ids)
-        stream.put(Delta(new_ids, text, seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens))
+        stream.put(Delta(new_ids, text, seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens,
+                         seq.queue_wait if first else None))
         if seq.is_finished:
             self._streams.pop(seq.seq_id, None)
 

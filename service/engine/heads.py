@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.errors import AdapterValidationError
+
 Modules = Mapping[str, nn.Module]
 
 
@@ -107,12 +109,12 @@ def merge_lora(path: str, lm: Any, weight: Tensor, bias: Tensor | None) -> tuple
     dtype), shapes checked first."""
     out, fan_in = weight.shape
     if lm.A.dim() != 2 or lm.B.dim() != 2 or tuple(lm.B.shape) != (out, lm.rank) or lm.A.shape[1] != fan_in:
-        raise ValueError(
+        raise AdapterValidationError(
             f"{path}: LoRA A {tuple(lm.A.shape)}, B {tuple(lm.B.shape)} do not fit"
             f" its weight [{out}, {fan_in}]"
         )
     if any(t is not None and tuple(t.shape) != (out,) for t in (lm.bias, lm.magnitude)):
-        raise ValueError(f"{path}: LoRA bias/magnitude must be [{out}]")
+        raise AdapterValidationError(f"{path}: LoRA bias/magnitude must be [{out}]")
     return lm.map(lambda t: t.to(weight.device)).merged(weight, bias)
 
 
@@ -140,30 +142,30 @@ class SlotHeads:
         Linears; everything is checked, nothing is written (the caller installs them with `install`)."""
         unknown = sorted(k for k in head if k not in self.params)
         if unknown:
-            raise ValueError(f"adapter head has tensors this engine cannot serve: {unknown}")
+            raise AdapterValidationError(f"adapter head has tensors this engine cannot serve: {unknown}")
         out_w, out_b = f"{self.family.output}.weight", f"{self.family.output}.bias"
         new: dict[str, Tensor] = {}
         for key, t in head.items():
             base = self.params[key]
             if key in (out_w, out_b):  # the label count may differ; the input width may not
                 if t.dim() != base.dim() or (t.dim() == 2 and t.shape[1] != base.shape[1]):
-                    raise ValueError(
+                    raise AdapterValidationError(
                         f"classifier head {key} must be [labels, {base.shape[-1]}] (or [labels]), got"
                         f" {tuple(t.shape)}"
                     )
             elif t.shape != base.shape:
-                raise ValueError(f"head tensor {key} must be {tuple(base.shape)}, got {tuple(t.shape)}")
+                raise AdapterValidationError(f"head tensor {key} must be {tuple(base.shape)}, got {tuple(t.shape)}")
             new[key] = t.to(device=base.device)  # the engine's dtype only after any LoRA merge
         weight = new.get(out_w, self.params[out_w])
         bias = new.get(out_b, self.params.get(out_b))
         labels = weight.shape[0]
         if bias is not None and tuple(bias.shape) != (labels,):
-            raise ValueError(f"classifier head {out_w} has {labels} rows but its bias is {tuple(bias.shape)}")
+            raise AdapterValidationError(f"classifier head {out_w} has {labels} rows but its bias is {tuple(bias.shape)}")
         if labels > self.max_labels:
-            raise ValueError(f"adapter has {labels} labels > max_labels {self.max_labels}")
+            raise AdapterValidationError(f"adapter has {labels} labels > max_labels {self.max_labels}")
         for path, lm in lora.items():
             if path not in self.linears:
-                raise ValueError(f"adapter targets {path!r}, which is not a head Linear of this model")
+                raise AdapterValidationError(f"adapter targets {path!r}, which is not a head Linear of this model")
             w, b = merge_lora(path, lm, new.get(f"{path}.weight", self.params[f"{path}.weight"]),
                               new.get(f"{path}.bias", self.params.get(f"{path}.bias")))  # fmt: skip
             new[f"{path}.weight"] = w
@@ -200,17 +202,17 @@ class SlotHeads:
         """Every head tensor `slot` serves, by path (for tests and debugging)."""
         return {f"{root}.{k}": t for root, m in self.slots[slot].items() for k, t in m.state_dict().items()}
 
-    def __call__(self, hidden: Tensor, mask: Tensor, slot_ids: Tensor) -> Tensor:
+    def __call__(self, hidden: Tensor, mask: Tensor, slot_ids: list[int]) -> Tensor:
         """[B, T, h] encoder output -> [B, max_labels] logits, row i through slot_ids[i]'s head; padded label
         columns are -inf, so a softmax over the padded row is still right."""
         logits = hidden.new_full((hidden.shape[0], self.max_labels), float("-inf"))
-        slots = torch.unique(slot_ids).tolist()
+        slots = sorted(set(slot_ids))  # host ids: no device read-back
         if len(slots) == 1:  # the common case: no gather
             logits[:, : self.num_labels[slots[0]]] = self._run(slots[0], hidden, mask)
             return logits
         # One head call per distinct slot: a few small GEMMs, cheaper than per-row weight gathers.
         for slot in slots:
-            rows = (slot_ids == slot).nonzero().squeeze(1)
+            rows = torch.tensor([i for i, s in enumerate(slot_ids) if s == slot], device=hidden.device)
             out = self._run(slot, hidden.index_select(0, rows), mask.index_select(0, rows))
             logits[rows, : out.shape[1]] = out
         return logits

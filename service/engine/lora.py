@@ -4,7 +4,7 @@ The model walking and slot loading live in `lora_model.py`; engines set the slot
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +50,8 @@ class SlotState:
     re-inspect the slot ids (and sync) on the hot path.
     """
 
-    slot_ids: Tensor | None = None  # LongTensor [rows]
+    slot_ids: Tensor | None = None  # LongTensor [rows], on the stacks' device
+    slot_list: list[int] | None = None  # the same ids on the host, as the scheduler/batcher gave them
     active: bool = False  # False when every row is slot 0: skip all LoRA work
     uniform_slot: int | None = None  # set when every row uses the same adapter slot (> 0)
     groups: SlotGroups | None = None  # CPU, mixed slots over a dense range: see group_rows
@@ -73,27 +74,34 @@ class SlotState:
         self.slot_ids, self.active, self.uniform_slot = slot_ids, True, None
         self.groups, self.laid_out, self.extra_rows = None, False, slot_ids
 
-    def set(self, slot_ids: Tensor | None, laid_out: bool = False, extra_slots: frozenset[int] = frozenset()) -> None:
+    def set(self, slot_ids: Sequence[int] | Tensor | None, laid_out: bool = False,
+            extra_slots: frozenset[int] = frozenset(), device: torch.device | str | None = None) -> None:
         """Route the next forward's rows; with `laid_out`, ask for the padded layout (granted when
         `groups` is set: the caller reads `self.laid_out` and scatters its rows once for every linear).
-        `extra_slots`: slots whose adapters have DoRA or LoRA bias terms."""
+        `extra_slots`: slots whose adapters have DoRA or LoRA bias terms. The routing metadata (distinct
+        slots, groups) is built here on the host from the ids as a list, and uploaded to `device` once."""
         self.groups, self.laid_out, self.extra_rows = None, False, None
         if slot_ids is None:
-            self.slot_ids, self.active, self.uniform_slot = None, False, None
+            self.slot_ids, self.slot_list, self.active, self.uniform_slot = None, None, False, None
             return
-        slot_ids = slot_ids.to(dtype=torch.long)
-        distinct = torch.unique(slot_ids).tolist()  # one host sync per forward pass, not per linear; sorted
-        self.slot_ids = slot_ids
+        if isinstance(slot_ids, Tensor):  # a caller holding a tensor already: read it back once
+            device = device or slot_ids.device
+            slot_ids = slot_ids.tolist()
+        device = torch.device(device or "cpu")
+        self.slot_list = [int(s) for s in slot_ids]
+        host = torch.tensor(self.slot_list, dtype=torch.long)
+        distinct = sorted(set(self.slot_list))
         self.active = any(s != 0 for s in distinct)
         self.uniform_slot = distinct[0] if len(distinct) == 1 and distinct[0] != 0 else None
-        if self.active and self.uniform_slot is None and slot_ids.device.type == "cpu":
-            self.groups = group_rows(slot_ids, distinct)
+        if self.active and self.uniform_slot is None and device.type == "cpu":
+            self.groups = group_rows(host, distinct)
             self.laid_out = laid_out and self.groups is not None
+        self.slot_ids = host.to(device)  # the step's one upload of slot ids
         if not extra_slots.isdisjoint(distinct):  # once here, not in each of the wrapped linears
             g = self.groups
             self.extra_rows = (
-                torch.arange(g.lo, g.lo + g.count, device=slot_ids.device).repeat_interleave(g.width)
-                if self.laid_out else slot_ids
+                torch.arange(g.lo, g.lo + g.count, device=device).repeat_interleave(g.width)
+                if self.laid_out else self.slot_ids
             )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from adapters.errors import AdapterValidationError
 from adapters.peft import LoraModule, is_target
 from service.engine.lora import MultiLoraLinear, SlotGroups, SlotState
 
@@ -48,16 +49,17 @@ class LoraSlots:
         self.extra_slots: frozenset[int] = frozenset()  # slots whose adapter has DoRA or LoRA bias terms
 
     @contextmanager
-    def use(self, slot_ids: Tensor, laid_out: bool = False) -> Iterator[SlotGroups | None]:
-        """Route row i of every wrapped input to slot slot_ids[i] for the duration of the block.
+    def use(self, slot_ids: Sequence[int] | Tensor, laid_out: bool = False) -> Iterator[SlotGroups | None]:
+        """Route row i of every wrapped input to slot slot_ids[i] for the duration of the block. Give the
+        ids as the host has them (a list): they are checked and grouped there and uploaded once.
 
         With `laid_out`, yields the SlotGroups whose padded layout every wrapped input must then arrive in
         (row i at `groups.index[i]`, `count * width` rows), or None: rows stay as they are."""
         device = next(iter(self.modules.values())).lora_A.device if self.modules else None
-        slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=device)
-        if slot_ids.numel() and (int(slot_ids.min()) < 0 or int(slot_ids.max()) >= self.num_slots):
-            raise ValueError(f"slot ids must be in [0, {self.num_slots}), got {slot_ids.tolist()}")
-        self.state.set(slot_ids, laid_out, self.extra_slots)
+        ids = slot_ids.tolist() if isinstance(slot_ids, Tensor) else [int(s) for s in slot_ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.num_slots):
+            raise ValueError(f"slot ids must be in [0, {self.num_slots}), got {ids}")
+        self.state.set(ids, laid_out, self.extra_slots, device=device)
         try:
             yield self.state.groups if self.state.laid_out else None
         finally:
@@ -89,18 +91,18 @@ class LoraSlots:
         for path, lm in lora.items():
             module = self.modules.get(path)
             if module is None:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"adapter targets {path!r}, which is not a wrapped LoRA module of this model"
                 )
             A, B, r = lm.A, lm.B, lm.rank
             if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"{path}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, in] and [out, r]"
                 )
             if r > self.max_rank:
-                raise ValueError(f"{path}: rank {r} exceeds max_rank {self.max_rank}")
+                raise AdapterValidationError(f"{path}: rank {r} exceeds max_rank {self.max_rank}")
             if A.shape[1] != module.in_features or B.shape[0] != module.out_features:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"{path}: expected A [r, {module.in_features}] and B [{module.out_features}, r], "
                     f"got {tuple(A.shape)} and {tuple(B.shape)}"
                 )

@@ -132,9 +132,9 @@ class ModelRunner:
         lo = rows[0]
         if rows != list(range(lo, lo + len(rows))):
             raise RuntimeError(f"batch rows {rows} are not contiguous; the KV cache keeps them dense")
-        slot_ids = torch.tensor([s.slot for s in seqs], device=dev)
+        slot_ids = [s.slot for s in seqs]  # routing metadata is built from these host ids (LoraSlots.use)
         if self.slots is None:
-            if bool((slot_ids != 0).any()):
+            if any(slot_ids):
                 raise ValueError("this runner has no LoRA slots")
             hidden = self._layers(ids, positions, slice(lo, lo + len(rows)))
         else:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from adapters.errors import LoraswapError
+from adapters.errors import RowFailedError
 
 
 @dataclass
@@ -91,13 +91,6 @@ def sample(
         choice = order.gather(1, choice)
     tokens[idx] = choice.squeeze(1).to(tokens.dtype)
     return tokens.tolist()
-
-
-class RowFailedError(LoraswapError):
-    """One row of a step could not give a token (non-finite logits, a sampling error): its request ends
-    with this, the step's other rows go on. Not retryable: the same input fails the same way."""
-
-    status = 500
 
 
 def sample_rows(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from adapters.errors import ContextLengthError
 from service.engine.kv_cache import KVCache
 from service.engine.sequence import Sequence, SequenceStatus
 
@@ -44,7 +45,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         if len(seq) >= self.kv_cache.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt has {len(seq)} tokens; the context holds {self.kv_cache.max_model_len} "
                 "(prompt + at least one generated token)"
             )

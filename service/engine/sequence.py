@@ -39,6 +39,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.generator: torch.Generator = make_generator(params.seed)
         self.arrival = time.perf_counter()
+        self.queue_wait: float | None = None  # arrival -> its prefill step (set by the engine)
 
     def __len__(self) -> int:
         return len(self.token_ids)

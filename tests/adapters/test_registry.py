@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 
@@ -15,7 +14,8 @@ import torch
 from adapters import registry as registry_module
 from adapters.errors import AdapterConflictError, AdapterNotFoundError, AdapterValidationError, RegistryError
 from adapters.format import read_adapter
-from adapters.registry import Registry, RegistryEvent, diff_snapshots
+from adapters.ref import AdapterRef
+from adapters.registry import Registry, resolve_in
 
 
 @pytest.fixture(params=["dir", "file-url", "memory"])
@@ -216,41 +216,21 @@ def test_sigkill_mid_publish_leaves_no_half_adapter(tmp_path, adapter_dir):
     assert registry.publish(adapter_dir).version == 1  # the crash left nothing in the way
 
 
-def test_diff_snapshots():
-    old = {"a": {"versions": [1, 2], "aliases": {"stable": 1}}, "gone": {"versions": [1], "aliases": {}}}
-    new = {"a": {"versions": [2, 3], "aliases": {"stable": 2, "canary": 3}}}
-    assert diff_snapshots(old, new) == [
-        RegistryEvent("added", "a", 3),
-        RegistryEvent("removed", "a", 1),
-        RegistryEvent("alias", "a", 3, "canary"),
-        RegistryEvent("alias", "a", 2, "stable"),
-        RegistryEvent("removed", "gone", 1),
-    ]
-
-
-def test_watch_yields_changes(registry, adapter_dir):
-    registry.publish(adapter_dir)
-    stop = threading.Event()
-    seen: list[RegistryEvent] = []
-    started = threading.Event()
-
-    def consume():
-        watcher = registry.watch(0.02, stop)
-        started.set()
-        for events in watcher:
-            seen.extend(events)
-
-    thread = threading.Thread(target=consume)
-    thread.start()
-    started.wait()
-    time.sleep(0.1)
-    registry.publish(adapter_dir)
-    registry.set_alias("sentiment", "stable", 2)
-    deadline = time.time() + 10
-    while len(seen) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    stop.set()
-    thread.join(5)
-    assert not thread.is_alive()
-    assert RegistryEvent("added", "sentiment", 2) in seen
-    assert RegistryEvent("alias", "sentiment", 2, "stable") in seen
+def test_resolve_in_is_the_rule_over_a_snapshot(registry, adapter_dir):
+    """The rule the server's watch applies to one `snapshot` gives what `resolve` gives, for every ref kind."""
+    for _ in range(3):
+        registry.publish(adapter_dir)
+    registry.set_alias("sentiment", "canary", 2)
+    entry = registry.snapshot()["sentiment"]
+    for text in ("sentiment", "sentiment@1", "sentiment@canary"):
+        ref = AdapterRef.parse(text)
+        assert resolve_in(ref, entry["versions"], entry["aliases"]) == registry.resolve(ref)
+    assert registry.resolve("sentiment") == ("sentiment", 3)
+    registry.set_alias("sentiment", "stable", 1)
+    entry = registry.snapshot()["sentiment"]
+    assert resolve_in(AdapterRef.parse("sentiment"), entry["versions"], entry["aliases"]) == ("sentiment", 1)
+    for text in ("sentiment@9", "sentiment@nope"):
+        with pytest.raises(AdapterNotFoundError):
+            resolve_in(AdapterRef.parse(text), entry["versions"], entry["aliases"])
+    with pytest.raises(AdapterNotFoundError):
+        resolve_in(AdapterRef.parse("other"), [], {})

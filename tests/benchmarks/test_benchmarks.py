@@ -34,6 +34,7 @@ EXPECTED = {
              "ours_forward_1_text_1_resident", "read_forward_bytes_1_resident"},
     "server": {"http_concurrency_1", "http_concurrency_16", "http_concurrency_64", "engine_raw"},
     "fairness": {"fair", "fifo"},
+    "overload": {"bounded", "unbounded"},
     "families-gen": {"llama", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"},
     "families-cls": {"hf_batch1", "ours_batch1_no_adapter", "ours_batch1_adapter"},
     "kernels": {"bert_prefill.qkv.base", "bert_prefill.qkv.bmm.r64", "bert_prefill.qkv.bmm.r4",

@@ -25,6 +25,9 @@ EXPORTED_METRICS: dict[str, str] = {
     "vllm:num_requests_waiting": "gauge",
     "vllm:kv_cache_usage_perc": "gauge",
     "vllm:lora_requests_info": "gauge",
+    "vllm:lora_adapter_loaded": "gauge",
+    "vllm:num_gpu_loaded_lora_adapters": "gauge",
+    "vllm:num_cpu_loaded_lora_adapters": "gauge",
 }
 
 

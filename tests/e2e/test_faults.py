@@ -22,7 +22,7 @@ from e2e.tiny_world import build_world, served, wait_for
 from factories import publish_cls_adapter
 
 import adapters.format
-import service.adapter_cache
+import service.router
 from adapters.registry import Registry
 from service.app import create_app
 
@@ -114,7 +114,7 @@ def test_files_deleted_or_corrupted_while_loading(world, tmp_path, monkeypatch):
     """Sabotage between the registry look-up and the read (`before`), or in the middle of the read, after
     the folder was listed and while its hashes are checked (`during`)."""
     registry, settings = fresh(world, tmp_path)
-    real_read, real_hash = service.adapter_cache.read_adapter, adapters.format.sha256_file
+    real_read, real_hash = service.router.read_adapter, adapters.format.sha256_file
     before, during = {}, {}  # adapter name -> what to do to its version folder
 
     def read_adapter(path, *args, **kwargs):
@@ -127,7 +127,7 @@ def test_files_deleted_or_corrupted_while_loading(world, tmp_path, monkeypatch):
             action(path.parent)
         return real_hash(path)
 
-    monkeypatch.setattr(service.adapter_cache, "read_adapter", read_adapter)
+    monkeypatch.setattr(service.router, "read_adapter", read_adapter)
     monkeypatch.setattr(adapters.format, "sha256_file", sha256_file)
     with served(create_app(settings)) as url:
         saved = {name: tmp_path / "saved" / name for name in ("topic", "spam", "intent")}
@@ -208,7 +208,8 @@ def test_oom_in_one_classification_batch_fails_only_that_batch(world):
     app = create_app(world["settings"])
     with served(app) as url:
         assert classify(url, "sentiment").status_code == 200
-        engine, batcher = app.state.ctx.classifier, app.state.ctx.batcher
+        engine = app.state.ctx.engines["classification"]
+        batcher = engine.batcher
         real_run, calls, failed_rows = engine.run, [], []
 
         def run(rows, slots):
@@ -241,7 +242,7 @@ def test_oom_in_one_classification_batch_fails_only_that_batch(world):
 def test_oom_in_one_generation_step_fails_only_its_requests(world):
     app = create_app(world["settings"])
     with served(app) as url:
-        engine = app.state.ctx.generator
+        engine = app.state.ctx.engines["generation"]
         real_run, steps = engine.runner.run, []
         fail_at = set()
 

@@ -53,7 +53,7 @@ class Gate:
 
 @contextlib.contextmanager
 def gated(client):
-    gate = Gate(client.app.state.ctx.classifier)
+    gate = Gate(client.app.state.ctx.engines["classification"])
     try:
         yield gate
     finally:
@@ -73,9 +73,9 @@ def wait_for(predicate, timeout=10.0):
 
 def idle(ctx) -> bool:
     """Nothing queued, nothing running, no adapter lease held, nothing in flight."""
-    m = ctx.managers["classification"]
-    return (ctx.batcher.queue_depth == 0 and ctx.batcher.running == 0 and ctx.in_flight == 0
-            and all(row["in_flight"] == 0 for row in m.describe()))
+    batcher = ctx.engines["classification"].batcher
+    return (batcher.queue_depth == 0 and batcher.running == 0 and ctx.in_flight == 0
+            and all(row.in_flight == 0 for row in ctx.residency()))
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +145,31 @@ def test_full_queue_gets_429_with_retry_after_then_recovers(world):
         first = pool.submit(classify, c)
         gate.entered.wait(10)  # the first batch is in the model thread
         second = pool.submit(classify, c)
-        wait_for(lambda: c.app.state.ctx.batcher.queue_depth == 1)
+        wait_for(lambda: c.app.state.ctx.engines["classification"].batcher.queue_depth == 1)
         resp = classify(c)
         _error(resp, 429)
         assert resp.headers["retry-after"] == "1"
         gate.opened.set()
         assert first.result(30).status_code == 200 and second.result(30).status_code == 200
+        assert classify(c).status_code == 200
+
+
+def test_requests_over_the_in_flight_bound_get_429_at_the_edge(world):
+    """With `max_in_flight` requests admitted, the next is refused before its body is read or it waits
+    anywhere: 429 + Retry-After in milliseconds, while the admitted ones finish; then it is admitted again."""
+    with TestClient(create_app(world.model_copy(update={"max_in_flight": 2}))) as c, gated(c) as gate, \
+            ThreadPoolExecutor(2) as pool:
+        ctx = c.app.state.ctx
+        held = [pool.submit(classify, c) for _ in range(2)]
+        wait_for(lambda: ctx.in_flight == 2)
+        started = time.perf_counter()
+        resp = classify(c)
+        took = time.perf_counter() - started
+        assert _error(resp, 429, "overloaded")["type"] == "rate_limit_error"
+        assert resp.headers["retry-after"] == "1" and took < 0.5, took
+        gate.opened.set()
+        assert [f.result(30).status_code for f in held] == [200, 200]
+        wait_for(lambda: ctx.in_flight == 0)
         assert classify(c).status_code == 200
 
 
@@ -165,7 +184,7 @@ def test_request_timeout_is_504_and_cancels_the_work(world):
             err = _error(resp, 504, "request_timeout")
             assert err["type"] == "timeout_error" and resp.headers["retry-after"] == "1"
             # the lease is given back at once; the batch in the model thread finishes and is dropped
-            assert all(row["in_flight"] == 0 for row in ctx.managers["classification"].describe())
+            assert all(row.in_flight == 0 for row in ctx.residency())
         wait_for(lambda: idle(ctx))
         assert classify(c).status_code == 200
 
@@ -198,7 +217,7 @@ def test_client_disconnect_cancels_the_work(world):
     with served(app) as url:
         ctx = app.state.ctx
         assert httpx.post(f"{url}/v1/classify", json={"adapter": "sentiment", "inputs": "w1"}).status_code == 200
-        gate = Gate(ctx.classifier)
+        gate = Gate(ctx.engines["classification"])
         try:
             # the first request occupies the model thread; the second waits in the queue, then its client leaves
             with ThreadPoolExecutor(1) as pool:
@@ -208,7 +227,7 @@ def test_client_disconnect_cancels_the_work(world):
                 with pytest.raises(httpx.ReadTimeout):
                     httpx.post(f"{url}/v1/classify", json={"adapter": "sentiment", "inputs": ["w2", "w3"]},
                                timeout=httpx.Timeout(5, read=0.5))
-                wait_for(lambda: ctx.batcher.queue_depth == 0 and ctx.in_flight == 1)  # the queued one is gone
+                wait_for(lambda: ctx.engines["classification"].batcher.queue_depth == 0 and ctx.in_flight == 1)  # the queued one is gone
                 gate.opened.set()
                 assert first.result(30).status_code == 200
         finally:

@@ -38,6 +38,9 @@ EXPECTED = {
     "vllm:num_requests_waiting": ("gauge", set()),
     "vllm:kv_cache_usage_perc": ("gauge", set()),
     "vllm:lora_requests_info": ("gauge", {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}),
+    "vllm:lora_adapter_loaded": ("gauge", {"adapter_name", "level"}),
+    "vllm:num_gpu_loaded_lora_adapters": ("gauge", set()),
+    "vllm:num_cpu_loaded_lora_adapters": ("gauge", set()),
 }
 
 BASE = "SmolLM2-135M-Instruct"
@@ -75,8 +78,9 @@ def record_mixed_traffic(m: Metrics) -> Tally:
     m.observe_adapter_load("banking", "host", 0.004)
     m.observe_adapter_load("broken", "registry", 0.1, result="invalid")
     m.count_eviction("banking")
-    m.set_resident("gpu", 2)
+    m.set_resident("device", 2)
     m.set_resident("host", 5)
+    m.set_loaded_adapters({"gpu": {"sentiment", "banking"}, "cpu": {"sentiment", "banking", "support"}})
     m.observe_batch("classification", 16, 3)
     m.observe_batch("generation", 4, 2)
     m.set_engine_state("classification", 3, 7)
@@ -333,3 +337,20 @@ def test_matches_the_dashboard_list_of_exported_metrics():
     exposed = {(f.name + "_total" if f.type == "counter" else f.name): f.type for f in families.values()}
     assert module.EXPORTED_METRICS == exposed
     assert set(module.EXPORTED_METRICS) == set(METRIC_NAMES)
+
+
+def test_loaded_adapter_gauges_follow_the_tiers():
+    """vllm:lora_adapter_loaded has one series per (adapter, level) loaded now; the counts agree; a name that
+    left a tier leaves its series."""
+    m = Metrics()
+    m.set_loaded_adapters({"gpu": {"a", "b"}, "cpu": {"a", "b", "c"}})
+    m.set_loaded_adapters({"gpu": {"a"}, "cpu": {"a", "c"}})
+    families = scrape(m)
+    loaded = {(s.labels["adapter_name"], s.labels["level"]): s.value
+              for s in families["vllm:lora_adapter_loaded"].samples}
+    assert loaded == {("a", "gpu"): 1.0, ("a", "cpu"): 1.0, ("c", "cpu"): 1.0}
+    assert families["vllm:num_gpu_loaded_lora_adapters"].samples[0].value == 1
+    assert families["vllm:num_cpu_loaded_lora_adapters"].samples[0].value == 2
+    hidden = {f.name: f for f in text_string_to_metric_families(
+        m.exposition(visible=lambda name: name != "a")[0].decode())}
+    assert {s.labels["adapter_name"] for s in hidden["vllm:lora_adapter_loaded"].samples} == {"c"}

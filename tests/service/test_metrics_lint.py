@@ -157,7 +157,7 @@ def busy_metrics() -> Metrics:
         m.add_tokens(adapter, "generated", 2)
         m.observe_adapter_load(adapter, "registry", 3.0)
         m.count_eviction(adapter)
-    m.set_resident("gpu", 3)
+    m.set_resident("device", 3)
     m.observe_batch("generation", 8, 3)
     m.set_engine_state(
         "generation", 1, 2, kv_usage=0.5, running_adapters=["a"], waiting_adapters=["b"], max_lora=4

@@ -148,7 +148,7 @@ def test_only_non_admin_keys_get_a_redacted_manifest(client, open_client, world)
     body = resp.json()
     assert body["manifest"]["name"] == "alpha" and body["manifest"]["lora"]["r"] == 4
     assert not {"dataset", "training", "files"} & set(body["manifest"]), body["manifest"]
-    assert body["resident"]["tier"] == "gpu" and "source" not in body["resident"], body["resident"]
+    assert body["resident"]["tier"] == "device" and "source" not in body["resident"], body["resident"]
     assert "/data/tenant-a" not in resp.text and "/opt/recipes" not in resp.text
     listed = client.get("/v1/adapters", headers=bearer(INFER_A)).json()["data"]
     assert [row["name"] for row in listed] == ["alpha"] and "source" not in listed[0]

@@ -121,7 +121,7 @@ def test_load_unload_by_path_and_registry(client, world):
     assert {row["name"] for row in listing} >= {"sentiment", "intent", "topic"}
     resp = client.post("/v1/adapters", json={"adapter": "topic"})
     assert resp.status_code == 200 and resp.json()["version"] == 1
-    assert client.get("/v1/adapters/topic").json()["resident"]["tier"] == "gpu"
+    assert client.get("/v1/adapters/topic").json()["resident"]["tier"] == "device"
     assert client.delete("/v1/adapters/topic").status_code == 200
     _error(client.post("/v1/classify", json={"adapter": "topic", "inputs": "x"}), 404)
     _error(client.delete("/v1/adapters/topic"), 404)

@@ -126,7 +126,7 @@ async def test_greedy_matches_hf_generate(family: str) -> None:
     try:
         got = await asyncio.gather(*(collect(engine, p, greedy(n)) for p in prompts))
     finally:
-        engine.stop()
+        engine.shutdown()
     for prompt, (ids, _, reason) in zip(prompts, got, strict=True):
         assert reason == "length"
         assert ids == oracle(base, prompt, n), f"{family}: prompt of {len(prompt)} differs from HF generate"
@@ -313,6 +313,6 @@ async def test_longrope_context_is_limited_to_its_original_length() -> None:
     try:
         got = await asyncio.gather(*(collect(engine, p, greedy(16)) for p in prompts))
     finally:
-        engine.stop()
+        engine.shutdown()
     for prompt, (ids, _, _) in zip(prompts, got, strict=True):
         assert ids == oracle(base, prompt, 16)

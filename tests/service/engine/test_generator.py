@@ -183,7 +183,7 @@ async def test_seeded_sampling_is_reproducible_across_batches() -> None:
         )
         other = await collect(engine, [5, 6, 7], SamplingParams(seed=124, **params))
     finally:
-        engine.stop()
+        engine.shutdown()
     assert crowd[1][0] == alone[0]
     assert other[0] != alone[0]
 
@@ -199,7 +199,7 @@ async def test_stop_string_across_token_boundaries_and_max_tokens() -> None:
         first = text.find(stop)
         ids2, text2, reason2 = await collect(engine, prompt, greedy(20, stop=[stop, "\x00never"]))
     finally:
-        engine.stop()
+        engine.shutdown()
     assert reason2 == "stop"
     assert text2 == text[:first]
     assert ids2 == ids[: len(ids2)] and len(ids2) < 20
@@ -211,7 +211,7 @@ async def test_eos_finishes_with_stop_and_is_not_in_text() -> None:
     try:
         ids, text, reason = await collect(engine, [3, 4], SamplingParams(max_tokens=5, temperature=0))
     finally:
-        engine.stop()
+        engine.shutdown()
     assert reason == "stop" and len(ids) == 1 and text == ""
 
 
@@ -226,7 +226,7 @@ async def test_prompt_longer_than_context_is_refused() -> None:
         ids, _, reason = await collect(engine, list(range(1, 14)), greedy(10))
         assert reason == "length" and len(ids) == 3
     finally:
-        engine.stop()
+        engine.shutdown()
 
 
 async def test_cancel_frees_sequence_within_a_step() -> None:
@@ -260,7 +260,7 @@ async def test_cancel_frees_sequence_within_a_step() -> None:
         ids, _, _ = await collect(engine, [1, 2, 3], greedy(4))
         assert len(ids) == 4
     finally:
-        engine.stop()
+        engine.shutdown()
 
 
 async def test_waiting_queue_bound_raises_overloaded() -> None:
@@ -270,16 +270,16 @@ async def test_waiting_queue_bound_raises_overloaded() -> None:
             await collect(engine, [1, 2], greedy(2))
         assert info.value.status == 429
     finally:
-        engine.stop()
+        engine.shutdown()
 
 
 def test_slot_engine_protocol_and_metrics() -> None:
     engine, _ = make_engine("gpt2")
-    assert engine.task == "generation" and engine.num_slots == 6 and engine.max_rank == 8
+    assert engine.tasks == {"generation"} and engine.num_slots == 6 and engine.max_rank == 8
     assert engine.running == engine.waiting == 0 and engine.kv_cache_usage == 0.0
     assert engine.running_slots == engine.waiting_slots == []
     engine.clear_slot(1)
-    # The adapter manager pins host weights for engines whose `device` is CUDA (adapter_cache._engine_on_cuda).
+    # The context page-locks host copies for engines whose `device` is CUDA (service/context.py).
     assert engine.device == torch.device("cpu") and engine.runner.graphs is None
 
 
@@ -332,7 +332,7 @@ async def test_smollm2_matches_hf_generate_and_decodes_text() -> None:
     try:
         got = await asyncio.gather(*(collect(engine, p, greedy(12)) for p in prompts))
     finally:
-        engine.stop()
+        engine.shutdown()
     for p, (ids, text, _) in zip(prompts, got, strict=True):
         assert ids == oracle(ref, p, 12)
         assert text == tok.decode(ids, skip_special_tokens=True)
@@ -506,7 +506,7 @@ async def test_a_failing_row_ends_its_own_request_only(tmp_path: Path) -> None:
     try:
         got = await asyncio.gather(*runs, return_exceptions=True)
     finally:
-        engine.stop()
+        engine.shutdown()
     assert isinstance(got[1], RowFailedError) and "sampling failed" in str(got[1])
     assert isinstance(got[3], RowFailedError) and "non-finite" in str(got[3])
     assert got[0][0] == oracle(adapters[0][0], prompts[0], 6) and got[4][0] == oracle(adapters[0][0], prompts[4], 6)
@@ -528,7 +528,7 @@ async def test_a_key_s_prompt_tokens_in_flight_are_bounded() -> None:
         await first.aclose()  # a's tokens come back when its request ends
         assert len((await collect_tenant(engine, [6] * 3, "a"))[0]) == 4
     finally:
-        engine.stop()
+        engine.shutdown()
 
 
 async def collect_tenant(engine: GeneratorEngine, prompt: list[int], tenant: str):

@@ -1,6 +1,7 @@
 """The one error shape of the API (OpenAI's): {"error": {"message", "type", "param", "code"}}.
 
-Every exception that reaches FastAPI is turned into it here; internals never leak to clients.
+Every exception that reaches FastAPI is turned into it here, by its type only (`LoraswapError` subclasses
+carry status, code and Retry-After); internals never leak to clients.
 """
 
 from __future__ import annotations
@@ -70,19 +71,28 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 COMMON_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 500, 503, 504)
 
 
-class APIError(Exception):
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+class APIError(LoraswapError):
+    """An HTTP-level refusal with its status given where it is raised (auth, limits, routing); domain
+    failures raise their own `LoraswapError` subclass instead."""
+
     def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        self.headers = headers
+        super().__init__(message, param=param)
+        self.status, self.code, self._headers = status, code, headers
+        self.type = type or error_type(status)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self._headers
 
 
 def error_response(status: int, message: str, *, type: str | None = None, param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    err = APIError(status, message, type=type, param=param, code=code)
-    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    body = {"error": {"message": message, "type": type or error_type(status), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -91,15 +101,13 @@ def _request_id(request: Request) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code,
-                              headers=exc.headers)
-
     @app.exception_handler(LoraswapError)
     async def _domain_error(request: Request, exc: LoraswapError):
-        status = getattr(exc, "status", 400)
-        return error_response(status, str(exc), code=type(exc).__name__)
+        if exc.status >= 500:
+            log.warning("%s answered %d (request_id=%s): %s", type(exc).__name__, exc.status,
+                        _request_id(request), exc.message)
+        return error_response(exc.status, exc.message, type=getattr(exc, "type", None), param=exc.param,
+                              code=exc.code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -1,4 +1,5 @@
-"""AdapterManager: tiers, LRU + refcounts, on-demand loads, updates, unloads, and the races between them.
+"""AdapterRouter (+ its SlotPool and HostCache): tiers, LRU + refcounts, on-demand loads, updates, unloads,
+and the races between them, through their public interfaces.
 
 A real tiny ClassifierEngine is wrapped so each test can hold a slot load open (gates) and so every slot's
 content is recorded: the invariant checked everywhere is "a lease's slot holds the lease's adapter version
@@ -26,9 +27,11 @@ from adapters.bases import load_base
 from adapters.errors import AdapterNotFoundError, LoraswapError
 from adapters.fingerprint import describe_base
 from adapters.format import write_manifest
+from adapters.ref import AdapterRef
 from adapters.registry import Registry
-from service.adapter_cache import AdapterManager
 from service.engine.classifier import ClassifierEngine
+from service.host_cache import HostCache
+from service.router import AdapterRouter
 
 TEXT = ["great movie w3 w4"]
 _FORWARD = threading.Lock()  # the engine runs one forward at a time (the batcher's model thread does this)
@@ -74,10 +77,9 @@ class RecordingEngine:
 
     def __init__(self, engine: ClassifierEngine, device: str | None = None):
         self.inner = engine
-        self.task, self.base_info = engine.task, engine.base_info
+        self.tasks, self.base_info, self.base_labels = engine.tasks, engine.base_info, engine.base_labels
         self.num_slots, self.max_rank = engine.num_slots, engine.max_rank
-        if device:
-            self.device = torch.device(device)
+        self.device = torch.device(device) if device else engine.device
         self.content: dict[int, tuple[str, int] | None] = {}
         self.gates: dict[tuple[str, int], threading.Event] = {}
         self.entered: dict[tuple[str, int], threading.Event] = {}
@@ -131,8 +133,27 @@ def make_registry(world, tmp_path: Path, specs: dict[str, list[int]]) -> Registr
     return registry
 
 
-def manager_for(engine, registry, **kwargs) -> AdapterManager:
-    return AdapterManager(engine, registry, base_ids={"base"}, **kwargs)
+def manager_for(engine, registry, max_cpu_adapters: int = 128, **kwargs) -> AdapterRouter:
+    return AdapterRouter(engine, registry, HostCache.for_engine(engine, max_cpu_adapters), base_ids={"base"},
+                         **kwargs)
+
+
+async def load(m: AdapterRouter, ref: str):
+    """Load by registry ref as the service context does: resolved once, then followed unless pinned."""
+    parsed = AdapterRef.parse(ref)
+    key = await asyncio.to_thread(m.registry.resolve, parsed)
+    return await m.load(key, parsed if parsed.version is None else None)
+
+
+async def load_path(m: AdapterRouter, path: str):
+    weights = await m.read_path(Path(path))
+    return await m.load((weights.manifest.name, weights.manifest.version), path=Path(path), weights=weights)
+
+
+def slot_state(m: AdapterRouter) -> tuple:
+    """Everything a refused operation must leave as it was."""
+    return ([(r.name, r.version, r.tier) for r in m.residency()], sorted(r.key for r in m.pool.residents()),
+            m.pool.free_slots, sorted(m.host.keys()))
 
 
 def check_lease(engine: RecordingEngine, lease) -> None:
@@ -211,22 +232,22 @@ def test_stress_leases_always_see_their_adapter(world, tmp_path):
                     if op == "unload":
                         await m.unload(name)
                     elif op == "reload":
-                        await m.load(name)
+                        await load(m, name)
                     else:
-                        await m.load(f"{name}@{op[-1]}")
+                        await load(m, f"{name}@{op[-1]}")
                 except AdapterNotFoundError:
                     pass
                 await asyncio.sleep(0.003)
             for i in range(6):  # leave every name loadable again
-                await m.load(f"a{i}")
+                await load(m, f"a{i}")
 
         await asyncio.gather(*(client(s) for s in range(12)), chaos())
         assert errors == []
         assert served > 200
         # Nothing leaked: every slot is either free or held by a resident, no duplicates.
-        slots = sorted(m._free + [r.slot for r in m._residents.values()])
+        slots = sorted(m.pool.free_slots + [r.slot for r in m.pool.residents()])
         assert slots == list(range(1, engine.num_slots))
-        assert all(r.refs == 0 for r in m._residents.values())
+        assert all(r.refs == 0 for r in m.pool.residents())
 
     asyncio.run(main())
 
@@ -269,8 +290,8 @@ def test_unload_with_requests_in_flight(world, tmp_path):
         for lease in held:  # in-flight requests finish on their slot
             check_lease(engine, lease)
             lease.release()
-        assert m._residents == {} and sorted(m._free) == [1, 2]
-        await m.load("x")  # loadable again
+        assert m.pool.residents() == [] and m.pool.free_slots == [1, 2]
+        await load(m, "x")  # loadable again
         lease = await m.acquire("x")
         check_lease(engine, lease)
         lease.release()
@@ -291,7 +312,7 @@ def test_unload_during_a_load_frees_the_slot_and_refuses(world, tmp_path):
         engine.gates[("x", 1)].set()
         with pytest.raises(AdapterNotFoundError):
             await task
-        assert m._residents == {} and sorted(m._free) == [1, 2] and m._host == {}
+        assert m.pool.residents() == [] and m.pool.free_slots == [1, 2] and len(m.host) == 0
 
     asyncio.run(main())
 
@@ -303,17 +324,17 @@ def test_racing_updates_newest_operation_wins(world, tmp_path):
 
     async def main():
         m = manager_for(engine, registry)
-        await m.load("x@1")
-        slow = asyncio.create_task(m.load("x@2"))  # started first, finishes last
+        await load(m, "x@1")
+        slow = asyncio.create_task(load(m, "x@2"))  # started first, finishes last
         await wait_for(engine.entered.setdefault(("x", 2), threading.Event()))
-        await m.load("x@3")
+        await load(m, "x@3")
         engine.gates[("x", 2)].set()
         await slow
         lease = await m.acquire("x")
         assert lease.version == 3
         check_lease(engine, lease)
         lease.release()
-        assert (("x", 1) not in m._residents)  # the replaced version's slot was freed
+        assert m.pool.get(("x", 1)) is None  # the replaced version's slot was freed
 
     asyncio.run(main())
 
@@ -335,7 +356,7 @@ def test_update_switches_atomically_old_requests_finish_on_old_version(world, tm
         got = await asyncio.to_thread(forward, engine, old.slot)
         assert torch.allclose(got, ref("x", 1), atol=1e-5)
         old.release()
-        assert ("x", 1) not in m._residents  # freed once its last request finished
+        assert m.pool.get(("x", 1)) is None  # freed once its last request finished
         new.release()
         # alias moves are followed too
         registry.set_alias("x", "stable", 1)
@@ -370,16 +391,21 @@ def test_release_is_synchronous_and_loads_are_bounded(world, tmp_path):
 
 
 def test_pin_memory_when_engine_is_on_cuda(world, tmp_path, monkeypatch):
-    import service.adapter_cache as cache
+    import service.host_cache as host_cache
 
     registry = make_registry(world, tmp_path, {"x": [1]})
     pinned = []
-    monkeypatch.setattr(cache, "pin_weights", lambda w: pinned.append(w.manifest.name) or w)
+    monkeypatch.setattr(host_cache, "pin_weights", lambda w: pinned.append(w.manifest.name) or w)
     cpu = manager_for(RecordingEngine(make_engine(world, 2)), registry)
     cuda = manager_for(RecordingEngine(make_engine(world, 2), device="cuda"), registry)
-    assert (cpu.pin_memory, cuda.pin_memory) == (False, True)
-    cuda._read(("x", 1))
-    cpu._read(("x", 1))
+    assert (cpu.host.page_locked, cuda.host.page_locked) == (False, True)
+
+    async def main():
+        folder = Path(registry.fetch("x", 1))
+        await cuda.read_path(folder)
+        await cpu.read_path(folder)
+
+    asyncio.run(main())
     assert pinned == ["x"]
 
 
@@ -428,13 +454,13 @@ def test_bad_adapter_is_refused_and_serving_is_unchanged(world, tmp_path, kind):
 
     async def main():
         m = manager_for(engine, registry)
-        await m.load("x")
+        await load(m, "x")
         before = await answer(m, "x")
-        state = (dict(m._current), set(m._residents), list(m._free), set(m._host))
+        state = slot_state(m)
         with pytest.raises(LoraswapError) as info:
-            await m.load(path=str(bad))
+            await load_path(m, str(bad))
         assert 400 <= info.value.status < 500, info.value
-        assert (dict(m._current), set(m._residents), list(m._free), set(m._host)) == state
+        assert slot_state(m) == state
         assert await answer(m, "x") == before
         # the same broken folder landing in the registry (written around publish) is not switched to
         shutil.copytree(bad, registry.root + "/x/2")
@@ -479,11 +505,11 @@ def test_100_adapters_8_slots_cycling(world, tmp_path):
         elapsed = time.perf_counter() - started
         await batcher.stop()
         assert bad == []
-        assert len(m._residents) <= 8 and len(m._host) <= 16
+        assert len(m.pool.residents()) <= 8 and len(m.host) <= 16
         hits, misses = m.stats["hits"], m.stats["misses"]
         assert hits + misses == 400
         print(f"100 adapters / 8 slots: {400 / elapsed:.0f} req/s, hit rate {hits / 400:.2f}, "
-              f"evictions {m.stats['evictions']}")
+              f"evictions {m.pool.evictions}")
 
     asyncio.run(main())
 
@@ -493,7 +519,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _load_unload_cycles(world, tmp_path, device: str, measure) -> tuple[AdapterManager, int, int]:
+def _load_unload_cycles(world, tmp_path, device: str, measure) -> tuple[AdapterRouter, int, int]:
     """1,000 load -> lease -> unload cycles of one adapter; `measure()` after 100 (the warm-up) and at the end."""
     registry = make_registry(world, tmp_path, {"x": [1]})
     engine = RecordingEngine(make_engine(world, 3, device=device), device=device)
@@ -504,7 +530,7 @@ def _load_unload_cycles(world, tmp_path, device: str, measure) -> tuple[AdapterM
         for i in range(1000):
             if i == 100:
                 readings.append(measure())
-            await m.load("x")
+            await load(m, "x")
             async with m.lease("x") as lease:
                 check_lease(engine, lease)
             await m.unload("x")
@@ -523,8 +549,8 @@ def test_rss_flat_over_1000_load_unload_cycles(world, tmp_path):
 
     m, warm, last = _load_unload_cycles(world, tmp_path, "cpu", lambda: (gc.collect(), _rss_bytes())[1])
     grown = last - warm
-    assert (m._residents, dict(m._host), m._paths, m._loading) == ({}, {}, {}, {})
-    assert sorted(m._free) == [1, 2] and not m.pin_memory
+    assert (m.pool.residents(), len(m.host), m.residency(), m.serves("x")) == ([], 0, [], False)
+    assert m.pool.free_slots == [1, 2] and not m.host.page_locked
     assert grown < 8 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 900 cycles"
     print(f"RSS growth over 900 load/unload cycles after warm-up: {grown / 2**20:.2f} MiB")
 
@@ -535,8 +561,8 @@ def test_cuda_memory_flat_over_1000_load_unload_cycles(world, tmp_path):
     over 900 more cycles (host weights pinned, copied in, freed on unload)."""
     measure = lambda: (torch.cuda.synchronize(), torch.cuda.memory_allocated())[1]  # noqa: E731
     m, warm, last = _load_unload_cycles(world, tmp_path, "cuda", measure)
-    assert m.pin_memory and last == warm
-    assert (m._residents, dict(m._host)) == ({}, {})
+    assert m.host.page_locked and last == warm
+    assert (m.pool.residents(), len(m.host)) == ([], 0)
 
 
 def test_describe_reports_residency(world, tmp_path):
@@ -545,12 +571,12 @@ def test_describe_reports_residency(world, tmp_path):
 
     async def main():
         m = manager_for(engine, registry)
-        await m.load("x")
+        await load(m, "x")
         async with m.lease("x"):
-            (row,) = m.describe()
-            assert row["in_flight"] == 1
-        row = m.describe()[0]
-        assert row["version"] == 1 and row["tier"] == "gpu" and row["size_bytes"] > 0
-        assert row["load_ms"] > 0 and row["last_used"] and row["requests"] == 1
+            (row,) = m.residency()
+            assert row.in_flight == 1
+        row = m.residency()[0]
+        assert row.version == 1 and row.tier == "device" and row.device == "cpu" and row.size_bytes > 0
+        assert row.load_ms > 0 and row.last_used and row.requests == 1
 
     asyncio.run(main())
