@@ -50,6 +50,10 @@ class DatasetInfo(_Strict):
     rows: dict[str, int] = {}
 
 
+class Calibration(_Strict):
+    temperature: float = Field(gt=0)
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -64,6 +68,10 @@ class Manifest(_Strict):
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     training: dict[str, Any] | None = None
     files: dict[str, str] = {}
+    # classification, optional (older manifests serve as T=1, no abstention): the softmax temperature fitted
+    # on validation, and the default abstention threshold on the calibrated top score
+    calibration: Calibration | None = None
+    min_score: float | None = Field(None, ge=0, le=1)
 
     @field_validator("name")
     @classmethod

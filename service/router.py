@@ -53,6 +53,8 @@ class Lease:
     version: int | None
     labels: list[str] | None
     _release: Callable[[], None] | None = None
+    temperature: float = 1.0  # the manifest's calibration (classification); 1.0 / 0.0 when it has none
+    min_score: float = 0.0
 
     def release(self) -> None:
         if self._release is not None:
@@ -148,8 +150,11 @@ class AdapterRouter:
         self.pool.lease(resident, traffic=traffic)
         if traffic:
             self._requests[resident.name] += 1
-        return Lease(resident.slot, resident.name, resident.version, resident.weights.manifest.labels,
-                     _release=lambda: self.pool.release(resident))
+        manifest = resident.weights.manifest
+        return Lease(resident.slot, resident.name, resident.version, manifest.labels,
+                     _release=lambda: self.pool.release(resident),
+                     temperature=manifest.calibration.temperature if manifest.calibration else 1.0,
+                     min_score=manifest.min_score or 0.0)
 
     async def _key(self, ref: AdapterRef) -> Key:
         """The one resolution of a request's ref: what is served already, else the registry's answer."""

@@ -147,9 +147,17 @@ def run(recipe, *, publish: bool = True, command: str | None = None) -> dict[str
                          "validation": result.splits.validation[recipe.label_column]}
         if result.splits.test is not None:
             label_columns["test"] = result.splits.test[recipe.label_column]
+    calibration = None
+    if recipe.task == "classification":
+        from training.calibration import calibrate
+
+        calibration = calibrate(metrics, result.splits.labels, recipe.abstain_coverage, recipe.out_of_scope_label)
+        outcome["calibration"] = {"temperature": round(calibration["temperature"], 6),
+                                  "min_score": round(calibration["min_score"], 6)}
     eval_dir = write_eval_folder(result.run_dir / "eval", name=recipe.name, task=recipe.task, metrics=metrics,
                                  labels=result.splits.labels, label_columns=label_columns,
-                                 history=result.history, training=training, dataset=result.splits.info)
+                                 history=result.history, training=training, dataset=result.splits.info,
+                                 calibration=calibration)
     outcome["report"] = str(eval_dir / "report.md")
     if recipe.method == "bitfit":
         # BitFit changes every bias of the base: the serving engine shares one base across adapters,
@@ -169,6 +177,7 @@ def run(recipe, *, publish: bool = True, command: str | None = None) -> dict[str
             result.adapter_dir, eval_dir, registry=recipe.registry, name=recipe.name, task=recipe.task,
             base_info=info, labels=result.splits.labels, metrics=headline(metrics),
             dataset=result.splits.info, training=training, promote=recipe.promote,
+            calibration=outcome.get("calibration"),
         )
         outcome["published"] = f"{name}@{version}"
     return outcome

@@ -64,14 +64,20 @@ def _eval_trainer(model, tokenizer, recipe: Recipe, trainer: Trainer | None) -> 
     return trainer
 
 
+def predict_logits(model, tokenizer, recipe: Recipe, data: Dataset, labels: list[str],
+                   trainer: Trainer | None = None):
+    """(logits [n, labels], label ids [n], loss) for the rows, in longest-first order (not the data's)."""
+    trainer = _eval_trainer(model, tokenizer, recipe, trainer)
+    out = trainer.predict(longest_first(tokenize_classification(data, tokenizer, recipe, labels)))
+    return np.asarray(out.predictions), np.asarray(out.label_ids), float(out.metrics.get("test_loss", float("nan")))
+
+
 def evaluate_classification(model, tokenizer, recipe: Recipe, data: Dataset, labels: list[str],
                             trainer: Trainer | None = None) -> dict[str, Any]:
-    trainer = _eval_trainer(model, tokenizer, recipe, trainer)
-    encoded = longest_first(tokenize_classification(data, tokenizer, recipe, labels))
-    out = trainer.predict(encoded)
-    preds = np.asarray(out.predictions).argmax(-1).tolist()
-    scores = classification_scores(list(out.label_ids), preds, labels)
-    scores["loss"] = float(out.metrics.get("test_loss", float("nan")))
+    logits, label_ids, loss = predict_logits(model, tokenizer, recipe, data, labels, trainer)
+    scores = classification_scores(label_ids.tolist(), logits.argmax(-1).tolist(), labels)
+    scores["loss"] = loss
+    scores["logits"], scores["label_ids"] = logits, label_ids  # for calibration; not written to reports
     return scores
 
 

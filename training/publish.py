@@ -30,16 +30,18 @@ def stage(adapter_dir: Path, eval_dir: Path | None, into: Path) -> Path:
 
 def manifest_fields(folder: Path, *, name: str, version: int, task: str, base_info: BaseModelInfo,
                     labels: list[str] | None, metrics: dict[str, Any], dataset: dict[str, Any] | None,
-                    training: dict[str, Any] | None) -> dict[str, Any]:
+                    training: dict[str, Any] | None, calibration: dict[str, float] | None = None) -> dict[str, Any]:
     fields = peft_fields(folder, read_config(folder), base_info, task, labels)
     return dict(name=name, version=version, base_model={"name": base_info.name, "fingerprint": base_info.fingerprint},
-                metrics=metrics, dataset=dataset, training=training, **fields)  # fmt: skip
+                metrics=metrics, dataset=dataset, training=training, **fields,
+                **({"calibration": {"temperature": calibration["temperature"]}, "min_score": calibration["min_score"]}
+                   if calibration else {}))  # fmt: skip
 
 
 def publish(adapter_dir: Path, eval_dir: Path | None, *, registry: str, name: str, task: str,
             base_info: BaseModelInfo, labels: list[str] | None, metrics: dict[str, Any],
             dataset: dict[str, Any] | None, training: dict[str, Any] | None,
-            promote: str | None = None) -> tuple[str, int]:
+            promote: str | None = None, calibration: dict[str, float] | None = None) -> tuple[str, int]:
     """Publish as the next version of `name` (atomic, by the registry); optionally point an alias at it."""
     from adapters.registry import Registry
 
@@ -52,7 +54,8 @@ def publish(adapter_dir: Path, eval_dir: Path | None, *, registry: str, name: st
     with tempfile.TemporaryDirectory(prefix="loraswap-publish-") as tmp:
         folder = stage(adapter_dir, eval_dir, Path(tmp) / name)
         write_manifest(folder, **manifest_fields(folder, name=name, version=version, task=task, base_info=base_info,
-                                                 labels=labels, metrics=metrics, dataset=dataset, training=training))
+                                                 labels=labels, metrics=metrics, dataset=dataset, training=training,
+                                                 calibration=calibration))
         validate_adapter(folder, base_info)  # refuse here, with the reason, rather than at serve time
         manifest = reg.publish(folder, name=name, version=version)
     if promote:

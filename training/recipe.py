@@ -69,6 +69,8 @@ class Recipe:
     early_stopping_patience: int = 5  # evaluations without improvement; 0 disables
     metric: str | None = None  # default: accuracy (classification) / loss (generation)
     seed: int = 42
+    abstain_coverage: float = 0.95  # classification: the default min_score keeps this share of validation answered
+    out_of_scope_label: str | None = None  # classification: rows of this label should abstain (not in the share)
     max_eval_rows: int | None = None  # cap the validation rows (model selection + report; speed); test: all
     num_samples: int = 5  # generation: sample replies in the report
     max_new_tokens: int = 160
@@ -110,6 +112,8 @@ class Recipe:
             raise LoraswapError("val_fraction must be between 0 and 1")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise LoraswapError("label_smoothing must be in [0, 1)")
+        if not 0.0 < self.abstain_coverage <= 1.0:
+            raise LoraswapError("abstain_coverage must be in (0, 1]")
         if self.label_smoothing and self.task != "classification":
             raise LoraswapError("label_smoothing is only supported for classification")
         return self

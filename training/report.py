@@ -75,6 +75,54 @@ def plot_curve(history: list[dict[str, Any]], path: Path, metric: str) -> None:
     plt.close(fig)
 
 
+def plot_reliability(before: list[dict], after: list[dict], path: Path, temperature: float) -> None:
+    """Reliability diagram: accuracy against mean confidence per bin, before and after the temperature."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
+    for bins, name in ((before, "softmax"), (after, f"temperature {temperature:.2f}")):
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label=name)
+    ax.set_xlabel("confidence (top label)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_coverage(curves: dict[str, list[dict]], path: Path) -> None:
+    """Accuracy on answered rows against the share answered (the most confident first)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, curve in curves.items():
+        ax.plot([p["coverage"] for p in curve], [p["accuracy"] for p in curve], "o-", label=split)
+    ax.set_xlabel("coverage (share answered)")
+    ax.set_ylabel("accuracy on answered")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def calibration_lines(calibration: dict[str, Any], folder: Path) -> list[str]:
+    """The report's calibration section; draws reliability.png and coverage.png into `folder`."""
+    splits = calibration["splits"]
+    last = "test" if "test" in splits else "validation"
+    plot_reliability(splits[last]["reliability_before"], splits[last]["reliability_after"],
+                     folder / "reliability.png", calibration["temperature"])
+    plot_coverage({s: m["curve"] for s, m in splits.items()}, folder / "coverage.png")
+    lines = ["## Calibration and abstention", "",
+             f"- temperature (fitted on validation, NLL): {calibration['temperature']:.4f}",
+             f"- default min_score: {calibration['min_score']:.4f} (keeps {100 * calibration['coverage']:.0f} % of"
+             " in-scope validation answered)", "",
+             "| split | ECE before | ECE after | in-scope answered | accuracy on answered | out-of-scope caught |",
+             "|---|---|---|---|---|---|"]
+    for split, m in splits.items():
+        caught = f"{100 * m['out_of_scope_caught']:.1f} %" if "out_of_scope_caught" in m else "-"
+        lines.append(f"| {split} | {m['ece_before']:.4f} | {m['ece_after']:.4f} | {100 * m['in_scope_answered']:.1f} %"
+                     f" | {_fmt(m['accuracy_answered'])} | {caught} |")
+    lines += ["", f"![reliability diagram ({last})](reliability.png)", "", "![accuracy/coverage](coverage.png)", ""]
+    return lines
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if math.isfinite(value) else str(value)
@@ -83,12 +131,15 @@ def _fmt(value: Any) -> str:
 
 def write_eval_folder(folder: Path, *, name: str, task: str, metrics: dict[str, Any], labels: list[str] | None,
                       label_columns: dict[str, list[str]] | None = None, history: list[dict] | None = None,
-                      training: dict[str, Any] | None = None, dataset: dict[str, Any] | None = None) -> Path:
+                      training: dict[str, Any] | None = None, dataset: dict[str, Any] | None = None,
+                      calibration: dict[str, Any] | None = None) -> Path:
     """Write eval/ and return it. `metrics` is keyed by split (evaluate.evaluate_splits)."""
     folder.mkdir(parents=True, exist_ok=True)
-    clean = {s: {k: v for k, v in m.items() if k != "report_text"} for s, m in metrics.items()}
-    (folder / "metrics.json").write_text(json.dumps({"task": task, "splits": clean, "training": training or {}},
-                                                    indent=2, default=str) + "\n")
+    clean = {s: {k: v for k, v in m.items() if k not in ("report_text", "logits", "label_ids")} for s, m in metrics.items()}
+    summary = {"task": task, "splits": clean, "training": training or {}}
+    if calibration:
+        summary["calibration"] = calibration
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     lines = [f"# {name}: evaluation report", ""]
     if training:
         lines += ["## Training", ""]
@@ -115,6 +166,8 @@ def write_eval_folder(folder: Path, *, name: str, task: str, metrics: dict[str, 
         lines += [f"![confusion matrix]({'confusion_matrix.png'})", ""]
         if label_columns:
             lines += ["![label distribution](label_distribution.png)", ""]
+        if calibration:
+            lines += calibration_lines(calibration, folder)
     else:
         lines += ["## Results (mean loss on reply tokens; lower is better)", "",
                   "| split | rows | adapter loss | adapter ppl | base loss | base ppl | loss reduction |",

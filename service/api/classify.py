@@ -26,6 +26,8 @@ class ClassifyRequest(BaseModel):
                          examples=["sentiment"])
     inputs: str | list[str] = Field(..., description="one text or a list of texts")
     top_k: int = Field(1, ge=1, description="how many labels to return in `top` (all are in `scores`)")
+    min_score: float | None = Field(None, ge=0, le=1, description="abstain (label null) when the top calibrated"
+                                    " score is below this; default: the adapter's manifest, 0 turns it off")
 
 
 class LabelScore(BaseModel):
@@ -34,7 +36,8 @@ class LabelScore(BaseModel):
 
 
 class ClassifyResult(BaseModel):
-    label: str
+    label: str | None = Field(..., description="null when the adapter abstained")
+    abstained: bool = False
     score: float
     scores: dict[str, float]
     top: list[LabelScore]
@@ -93,12 +96,15 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     request.state.log_fields.update(adapter=name, version=lease.version, inputs=len(texts),
                                     compute_ms=round((time.perf_counter() - started) * 1e3, 3))
     results = []
+    min_score = lease.min_score if body.min_score is None else body.min_score
     for row in logits:
         labels = lease.labels or [f"LABEL_{i}" for i in range(row.shape[-1])]
-        probs = torch.softmax(row.float(), dim=-1)
+        probs = torch.softmax(row.float() / lease.temperature, dim=-1)
         order = torch.argsort(probs, descending=True).tolist()
         scores = {labels[i]: float(probs[i]) for i in range(len(labels))}
         top = [LabelScore(label=labels[i], score=float(probs[i])) for i in order[: body.top_k]]
-        results.append(ClassifyResult(label=top[0].label, score=top[0].score, scores=scores, top=top))
+        abstained = top[0].score < min_score
+        results.append(ClassifyResult(label=None if abstained else top[0].label, abstained=abstained,
+                                      score=top[0].score, scores=scores, top=top))
     return ClassifyResponse(adapter=name, version=lease.version, results=results,
                             usage=ClassifyUsage(inputs=len(texts), characters=sum(map(len, texts))))

@@ -95,9 +95,22 @@ def test_manifest_newer_schema(tmp_path):
         ({"version": 0}, "version"),
         ({"surprise": 1}, "surprise"),
         ({"schema_version": None}, "schema_version"),
+        ({"calibration": {"temperature": 0}}, "calibration.temperature"),
+        ({"calibration": {"temperature": 1.5, "bins": 15}}, "calibration.bins"),
+        ({"min_score": 1.2}, "min_score"),
     ],
 )
 def test_manifest_invalid_fields(tmp_path, over, match):
     (tmp_path / "loraswap.json").write_text(json.dumps(_manifest_dict(**over)))
     with pytest.raises(AdapterValidationError, match=match):
         Manifest.load(tmp_path)
+
+
+def test_manifest_calibration_is_optional(tmp_path):
+    """Manifests written before calibration load unchanged; a calibrated one keeps its fields."""
+    (tmp_path / "loraswap.json").write_text(json.dumps(_manifest_dict()))
+    old = Manifest.load(tmp_path)
+    assert old.calibration is None and old.min_score is None
+    (tmp_path / "loraswap.json").write_text(json.dumps(_manifest_dict(calibration={"temperature": 1.7}, min_score=0.4)))
+    new = Manifest.load(tmp_path)
+    assert new.calibration.temperature == 1.7 and new.min_score == 0.4

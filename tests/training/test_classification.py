@@ -163,3 +163,31 @@ def test_loraswap_eval_gives_the_same_numbers(published, sst2_slice, tmp_path):
         _assert_same(written[split], by_cli[split], f"loraswap eval, {split}")
         _assert_same(written[split], in_process[split], f"eval via registry, {split}")
     assert (tmp_path / "cli" / "eval" / "confusion_matrix.png").is_file()
+
+
+def test_calibration_in_manifest_and_report(published, encoder, sst2_slice):
+    """Temperature and default min_score recomputed from the published adapter's validation logits (PEFT)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from training.calibration import confidence, fit_temperature, threshold_for_coverage
+
+    folder, r = published["folder"], published["recipe"]
+    model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=2), str(folder)).eval()
+    rows = read_jsonl(sst2_slice / "validation.jsonl")
+    enc = AutoTokenizer.from_pretrained(encoder)([x["text"] for x in rows], truncation=True,
+                                                 max_length=r.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits.numpy()
+    labels = [LABELS.index(x["label"]) for x in rows]
+    temperature = fit_temperature(logits, labels)
+    manifest = read_adapter(folder).manifest
+    assert manifest.calibration.temperature == pytest.approx(temperature, rel=1e-3)
+    assert manifest.min_score == pytest.approx(
+        threshold_for_coverage(confidence(logits, "temperature", temperature), r.abstain_coverage), abs=1e-4)
+    calibration = metrics_json(folder)["calibration"]
+    assert calibration["splits"]["validation"]["in_scope_answered"] >= r.abstain_coverage
+    report = (folder / "eval" / "report.md").read_text()
+    assert "](reliability.png)" in report and "](coverage.png)" in report
+    assert {"eval/reliability.png", "eval/coverage.png"} <= set(manifest.files)
