@@ -39,6 +39,7 @@ from adapters.errors import (
     RegistryError,
 )
 from adapters.format import AdapterWeights, read_adapter
+from adapters.peft import BASE_TASKS
 from adapters.ref import AdapterRef
 
 log = logging.getLogger("loraswap.adapters")
@@ -70,6 +71,7 @@ class Lease:
     version: int | None
     labels: list[str] | None
     _release: Any = None
+    task: str | None = None  # the adapter's manifest task (None: the base model, which serves every task)
 
     def release(self) -> None:
         if self._release is not None:
@@ -156,7 +158,7 @@ class AdapterManager:
         resident.use_tick = next(_use_clock)
         self._requests[resident.name] += 1
         return Lease(resident.slot, resident.name, resident.version, resident.weights.manifest.labels,
-                     _release=lambda: self._release(resident))
+                     _release=lambda: self._release(resident), task=resident.weights.manifest.task)
 
     def _release(self, resident: Resident) -> None:
         resident.refs -= 1
@@ -268,7 +270,7 @@ class AdapterManager:
 
     def _check_task(self, weights: AdapterWeights) -> None:
         m = weights.manifest
-        if m.task != self.task:
+        if BASE_TASKS.get(m.task, m.task) != self.task:  # embedding adapters share the encoder's slots
             raise AdapterConflictError(f"adapter {m.name}@{m.version} is a {m.task} adapter; this endpoint serves {self.task}")
 
     def _remember_host(self, key: Key, weights: AdapterWeights) -> None:
@@ -480,7 +482,7 @@ class AdapterManager:
             rows.append({
                 "name": name,
                 "version": key[1] if key else None,
-                "task": self.task,
+                "task": weights.manifest.task if weights else self.task,
                 "tier": "gpu" if r else ("cpu" if weights else "registry"),
                 "slot": r.slot if r else None,
                 "size_bytes": weights.nbytes if weights else None,

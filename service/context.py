@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.peft import BASE_TASKS
 from adapters.registry import Registry
 from service.adapter_cache import AdapterManager
 from service.config import Settings
@@ -100,7 +101,7 @@ class ServiceContext:
         else:
             name, version = await asyncio.to_thread(self.registry.resolve, ref)
             task = (await asyncio.to_thread(self.registry.manifest, name, version)).task
-        manager = self.managers.get(task)
+        manager = self.managers.get(BASE_TASKS.get(task, task))  # embedding adapters: the encoder's manager
         if manager is None:
             from adapters.errors import AdapterConflictError
 
@@ -133,8 +134,9 @@ def _base_labels(classifier) -> list[str]:
 
 
 def _build_classifier(s: Settings):
-    from adapters.bases import load_base
+    from adapters.bases import load_base, local_base
     from adapters.fingerprint import describe_base
+    from adapters.pooling import read_pooling
     from service.engine.classifier import ClassifierEngine
 
     device, dtype = s.resolved_device(), s.resolved_dtype()
@@ -142,7 +144,8 @@ def _build_classifier(s: Settings):
     info = describe_base(model, s.encoder_base, "classification")
     log.info("encoder base %s loaded on %s (%s)", s.encoder_base, device, dtype)
     return ClassifierEngine(model, tokenizer, info, num_slots=s.max_gpu_adapters + 1, max_rank=s.max_rank,
-                            device=device, dtype=dtype, max_length=s.max_length)
+                            device=device, dtype=dtype, max_length=s.max_length,
+                            pooling=read_pooling(local_base(s.encoder_base)))  # embeddings: the base's own
 
 
 def _build_generator(s: Settings):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
 
 from adapters.errors import AdapterNotFoundError
+from adapters.peft import BASE_TASKS
 from service import auth
 from service.api.errors import APIError
 from service.api.inputs import Ref
@@ -188,8 +189,9 @@ async def list_models(request: Request) -> dict:
             manifest = await asyncio.to_thread(ctx.registry.manifest, *key)
         except Exception:  # a broken entry must not hide the others
             continue
-        if manifest.task in bases:
+        base_task = BASE_TASKS.get(manifest.task, manifest.task)  # embedding adapters run on the encoder
+        if base_task in bases:
             data.append({"id": name, "object": "model", "created": int(manifest.created_at.timestamp()),
-                         "owned_by": "loraswap", "parent": bases[manifest.task], "task": manifest.task,
+                         "owned_by": "loraswap", "parent": bases[base_task], "task": manifest.task,
                          "version": key[1]})
     return {"object": "list", "data": data}

@@ -10,7 +10,7 @@ import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from adapters.errors import LoraswapError
+from adapters.errors import AdapterConflictError, LoraswapError
 from service import auth
 from service.api.errors import APIError
 from service.api.inputs import Ref, check_text
@@ -52,16 +52,17 @@ class ClassifyResponse(BaseModel):
     usage: ClassifyUsage
 
 
-def _check_limits(texts: list[str], settings) -> None:
+def check_limits(texts: list[str], settings, param: str = "inputs") -> None:
+    """The input limits of every encoder endpoint (/v1/classify, /v1/embeddings)."""
     if not texts:
-        raise APIError(400, "inputs must not be empty", param="inputs")
+        raise APIError(400, f"{param} must not be empty", param=param)
     if len(texts) > settings.max_inputs:
-        raise APIError(413, f"too many inputs: {len(texts)} > {settings.max_inputs}", param="inputs")
+        raise APIError(413, f"too many inputs: {len(texts)} > {settings.max_inputs}", param=param)
     for i, text in enumerate(texts):
         if len(text) > settings.max_input_chars:
-            raise APIError(413, f"inputs[{i}] has {len(text)} characters > {settings.max_input_chars}",
-                           param="inputs")
-        check_text(text, f"inputs[{i}]")
+            raise APIError(413, f"{param}[{i}] has {len(text)} characters > {settings.max_input_chars}",
+                           param=param)
+        check_text(text, f"{param}[{i}]")
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
@@ -71,11 +72,14 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         raise APIError(404, "this server has no classification base model", code="task_unavailable")
     auth.check_adapter(request, body.adapter)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    _check_limits(texts, ctx.settings)
+    check_limits(texts, ctx.settings)
     request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
                                 "adapter": body.adapter, "task": "classification"}
     started = time.perf_counter()
     async with ctx.managers["classification"].lease(body.adapter) as lease:
+        if lease.task not in (None, "classification"):  # None: the base model itself
+            raise AdapterConflictError(f"adapter {body.adapter!r} is a {lease.task} adapter; /v1/classify"
+                                       " serves classification adapters")
         request.state.log_fields["resolved_adapter"] = lease.name or body.adapter
         try:
             logits = await ctx.batcher.submit(texts, lease.slot, tenant_of(request))

@@ -1,6 +1,7 @@
 """ClassifierEngine: one encoder (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, DeBERTa-v2, ModernBERT) with
 multi-LoRA linears and per-slot classification heads (heads.py), so rows for different adapters (with
-different label counts) share one forward pass.
+different label counts) share one forward pass. A row may instead ask for its sentence embedding: the last
+hidden state through the base's pooling (adapters/pooling.py), in the same forward as classification rows.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.pooling import Pooling
 from service.engine.heads import SlotHeads, family_of
 from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
 from service.engine.packed_linear import pack_block_linears
@@ -62,6 +64,7 @@ class ClassifierEngine:
         dtype: torch.dtype = torch.float32,
         max_length: int = 256,
         max_labels: int = 128,
+        pooling: Pooling | None = None,
     ) -> None:
         family = family_of(model)  # before anything else: an unsupported model changes nothing
         encoder = getattr(model, "base_model", None)
@@ -78,6 +81,7 @@ class ClassifierEngine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.num_slots, self.max_rank, self.max_length = num_slots, max_rank, max_length
+        self.pooling = pooling or Pooling()  # sentence-transformers' default for a plain encoder: mean
         self.heads = SlotHeads(model, family, num_slots, max_labels)
         # A head module inside the encoder (BERT's pooler) runs per slot from `heads`; the encoder then runs
         # without it (BertModel skips a None pooler), so the base's is not computed too.
@@ -152,18 +156,23 @@ class ClassifierEngine:
     @torch.inference_mode()
     def logits(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:
         """[B, L_max] logits, row i through slot_ids[i]'s LoRA and head; padded label columns are -inf."""
+        hidden, attention_mask, slot_ids = self.hidden(input_ids, attention_mask, slot_ids)
+        return self.heads(hidden, attention_mask, slot_ids)
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(last hidden state [B, T, h], mask, slot ids), on the engine's device; row i through slot_ids[i]'s LoRA."""
         slot_ids = torch.as_tensor(slot_ids, dtype=torch.long, device=self.device)
         padded = not bool(attention_mask.all())  # before the move: no device sync for CPU-built masks
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.per_slot:
-            hidden = self._encode_per_slot(input_ids, attention_mask, slot_ids)
-            return self.heads(hidden, attention_mask, slot_ids)
+            return self._encode_per_slot(input_ids, attention_mask, slot_ids), attention_mask, slot_ids
         with self.slots.use(slot_ids):
             if self.layers is None:
                 hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             else:
                 hidden = self._encode(input_ids, attention_mask if padded else None)
-        return self.heads(hidden, attention_mask, slot_ids)
+        return hidden, attention_mask, slot_ids
 
     def _encode_per_slot(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:
         """The encoder's own forward once per distinct slot, over that slot's rows."""
@@ -212,8 +221,10 @@ class ClassifierEngine:
             x = layer.output(layer.intermediate(x), x)
         return x
 
-    def run(self, rows: Sequence[Sequence[int]], slot_ids: Sequence[int]) -> list[Tensor]:
-        """Token-id rows (any lengths) -> per-row logits trimmed to the row's slot's label count (CPU)."""
+    def run(self, rows: Sequence[Sequence[int]], slot_ids: Sequence[int],
+            embed: Sequence[bool] | None = None) -> list[Tensor]:
+        """Token-id rows (any lengths) -> per row (CPU): logits trimmed to the row's slot's label count, or,
+        where `embed[i]`, the row's pooled sentence embedding; all rows share one encoder forward."""
         pad = self.tokenizer.pad_token_id
         if pad is None:  # RoBERTa's positions count non-pad ids: pad with the model's own pad id
             pad = getattr(self.model.config, "pad_token_id", None) or 0
@@ -223,8 +234,31 @@ class ClassifierEngine:
         for i, r in enumerate(rows):  # right padding: the CLS token stays at position 0
             input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
             attention_mask[i, : len(r)] = 1
-        out = self.logits(input_ids, attention_mask, torch.as_tensor(list(slot_ids))).float().cpu()
-        return [out[i, : self.num_labels(s)] for i, s in enumerate(slot_ids)]
+        if not embed or not any(embed):
+            out = self.logits(input_ids, attention_mask, torch.as_tensor(list(slot_ids))).float().cpu()
+            return [out[i, : self.num_labels(s)] for i, s in enumerate(slot_ids)]
+        return self._mixed(input_ids, attention_mask, list(slot_ids), list(embed))
+
+    @torch.inference_mode()
+    def _mixed(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: list[int], embed: list[bool]) -> list[Tensor]:
+        """One forward; heads for the classification rows only, pooling for the embedding rows."""
+        hidden, mask, slots = self.hidden(input_ids, attention_mask, torch.as_tensor(slot_ids))
+        out: list[Tensor | None] = [None] * len(slot_ids)
+        for wanted in (False, True):
+            rows = [i for i, e in enumerate(embed) if e == wanted]
+            if not rows:
+                continue
+            index = torch.as_tensor(rows, device=hidden.device)
+            h, m = hidden.index_select(0, index), mask.index_select(0, index)
+            if wanted:
+                values = self.pooling(h, m).float().cpu()
+                for k, i in enumerate(rows):
+                    out[i] = values[k]
+            else:
+                values = self.heads(h, m, slots.index_select(0, index)).float().cpu()
+                for k, i in enumerate(rows):
+                    out[i] = values[k, : self.num_labels(slot_ids[i])]
+        return out
 
     def classify(self, texts: Sequence[str], slot_ids: Sequence[int]) -> list[Tensor]:
         """Texts -> per-row logits (one slot per text), each trimmed to its slot's label count."""
