@@ -65,6 +65,21 @@ def check_limits(texts: list[str], settings, param: str = "inputs") -> None:
         check_text(text, f"{param}[{i}]")
 
 
+async def check_task(ctx, ref: str, task: str, what: str) -> None:
+    """409 before anything loads when the registry says `ref` is an adapter of another task (the encoder's
+    slots serve classification and embedding adapters alike). Refs the registry cannot resolve are left to
+    the lease (404, or an adapter loaded from a path: the caller checks `lease.task` too)."""
+    if ref in ctx.managers["classification"].base_ids:
+        return
+    try:
+        key = await asyncio.to_thread(ctx.registry.resolve, ref)
+        found = (await asyncio.to_thread(ctx.registry.manifest, *key)).task
+    except LoraswapError:
+        return
+    if found != task:
+        raise AdapterConflictError(f"{what} {ref!r} is a {found} adapter; this endpoint serves {task} adapters")
+
+
 @router.post("/v1/classify", response_model=ClassifyResponse)
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     ctx = request.app.state.ctx
@@ -75,10 +90,11 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     check_limits(texts, ctx.settings)
     request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
                                 "adapter": body.adapter, "task": "classification"}
+    await check_task(ctx, body.adapter, "classification", "adapter")
     started = time.perf_counter()
     async with ctx.managers["classification"].lease(body.adapter) as lease:
         if lease.task not in (None, "classification"):  # None: the base model itself
-            raise AdapterConflictError(f"adapter {body.adapter!r} is a {lease.task} adapter; /v1/classify"
+            raise AdapterConflictError(f"adapter {body.adapter!r} is a {lease.task} adapter; this endpoint"
                                        " serves classification adapters")
         request.state.log_fields["resolved_adapter"] = lease.name or body.adapter
         try:

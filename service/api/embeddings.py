@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from adapters.errors import AdapterConflictError, LoraswapError
 from service import auth
-from service.api.classify import check_limits
+from service.api.classify import check_limits, check_task
 from service.api.errors import APIError
 from service.api.inputs import Ref, Short
 from service.engine.batcher import QueueFullError
@@ -99,10 +99,12 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
         rows = [row[: engine.max_length] for row in rows]
     request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
                                 "adapter": body.model, "task": "embedding"}
+    await check_task(ctx, body.model, "embedding", "model")
     started = time.perf_counter()
     async with ctx.managers["classification"].lease(body.model) as lease:
         if lease.task not in (None, "embedding"):  # None: the base model itself
-            raise AdapterConflictError(f"model {body.model!r} is a {lease.task} adapter, not an embedding model")
+            raise AdapterConflictError(f"model {body.model!r} is a {lease.task} adapter; this endpoint serves"
+                                       " embedding adapters")
         request.state.log_fields["resolved_adapter"] = lease.name or body.model
         try:
             vectors = await ctx.batcher.submit(rows, lease.slot, tenant_of(request), embed=True)
