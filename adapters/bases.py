@@ -116,7 +116,12 @@ def load_base(
 ):
     """Load (model, tokenizer) for `task` ("classification", "generation" or "embedding": the bare encoder,
     whose last hidden state is pooled), in eval mode."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     source = resolve_base(name_or_path)
     try:

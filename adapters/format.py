@@ -25,8 +25,8 @@ from adapters.errors import AdapterConflictError, AdapterValidationError
 from adapters.fingerprint import BaseModelInfo
 from adapters.manifest import MANIFEST_FILE, HeadTensor, LoraInfo, Manifest
 from adapters.peft import (
-    CONFIG_FILE,
     BASE_TASKS,
+    CONFIG_FILE,
     PEFT_TASKS,
     WEIGHTS_FILE,
     LoraModule,

@@ -159,11 +159,11 @@ def run(recipe, *, publish: bool = True, command: str | None = None) -> dict[str
         return outcome
     if publish and recipe.registry:
         from adapters.bases import load_base
+        from adapters.peft import BASE_TASKS
         from training.publish import publish as publish_adapter
 
-        # Fingerprint the base exactly as the server loads it (a fresh, unwrapped copy).
-        from adapters.peft import BASE_TASKS
-
+        # Fingerprint the base exactly as the server loads it (a fresh, unwrapped copy; embedding adapters
+        # are served on the encoder as the classifier loads it).
         base_task = BASE_TASKS.get(recipe.task, recipe.task)
         base_model, _ = load_base(base_name(recipe), base_task)
         info = describe_base(base_model, base_name(recipe), base_task)

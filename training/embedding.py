@@ -59,7 +59,7 @@ def tokenize_pairs(ds: Dataset, tokenizer, recipe: Recipe) -> Dataset:
         for side in _SIDES:
             enc = tokenizer(batch[side], truncation=True, max_length=recipe.max_length)
             out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = enc["input_ids"], enc["attention_mask"]
-        out["length"] = [len(a) + len(p) for a, p in zip(out["anchor_input_ids"], out["positive_input_ids"])]
+        out["length"] = [len(a) + len(p) for a, p in zip(out["anchor_input_ids"], out["positive_input_ids"], strict=True)]
         return out
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize pairs")

@@ -28,9 +28,9 @@ def test_pairs_come_from_the_same_label_and_skip_singletons():
     out = pairs(ds, Recipe(name="x", task="embedding", data="d"))
     label = dict(zip(ds["text"], ds["label"], strict=True))
     assert len(out) == 5 and "b1" not in out["anchor"]  # b has one row: no positive
-    for anchor, positive, group in zip(out["anchor"], out["positive"], out["group"], strict=True):
+    for anchor, positive in zip(out["anchor"], out["positive"], strict=True):
         assert anchor != positive and label[anchor] == label[positive]
-    assert len(set(zip(out["group"], [label[a] for a in out["anchor"]]))) == 2  # one group id per label
+    assert len(set(zip(out["group"], [label[a] for a in out["anchor"]], strict=True))) == 2  # one group id per label
     given = Dataset.from_dict({"anchor": ["q1", "q2"], "positive": ["p1", "p2"]})
     assert pairs(given, Recipe(name="x", task="embedding", data="d"))["group"] == [0, 1]
 
