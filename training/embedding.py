@@ -122,7 +122,6 @@ def encode(model, tokenizer, texts: list[str], pooling: Pooling, max_length: int
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out = torch.empty(len(texts), 0)
     chunks: list[torch.Tensor] = []
     for start in range(0, len(order), batch_size):
         rows = [texts[i] for i in order[start:start + batch_size]]
@@ -130,9 +129,10 @@ def encode(model, tokenizer, texts: list[str], pooling: Pooling, max_length: int
         hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         chunks.append(F.normalize(pooling(hidden, enc["attention_mask"]), dim=-1).cpu())
     model.train(was_training)
-    if chunks:
-        out = torch.empty(len(texts), chunks[0].shape[1])
-        out[torch.tensor(order)] = torch.cat(chunks)
+    if not chunks:
+        return torch.empty(0, 0)
+    out = torch.empty(len(texts), chunks[0].shape[1])
+    out[torch.tensor(order)] = torch.cat(chunks)
     return out
 
 

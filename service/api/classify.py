@@ -67,9 +67,11 @@ def check_limits(texts: list[str], settings, param: str = "inputs") -> None:
 
 async def check_task(ctx, ref: str, task: str, what: str) -> None:
     """409 before anything loads when the registry says `ref` is an adapter of another task (the encoder's
-    slots serve classification and embedding adapters alike). Refs the registry cannot resolve are left to
-    the lease (404, or an adapter loaded from a path: the caller checks `lease.task` too)."""
-    if ref in ctx.managers["classification"].base_ids:
+    slots serve classification and embedding adapters alike). Served names skip the registry read (the hot
+    path stays in memory): the caller checks `lease.task`, which then costs no load. Refs the registry
+    cannot resolve are left to the lease too (404, or an adapter loaded from a path)."""
+    manager = ctx.managers["classification"]
+    if ref in manager.base_ids or ref.split("@", 1)[0] in manager.resident_names():
         return
     try:
         key = await asyncio.to_thread(ctx.registry.resolve, ref)

@@ -120,6 +120,12 @@ def test_wrong_task_model_is_409_both_ways(client):
     assert _error(_post(client, model="nope", input="x"), 404)
     after = client.get("/v1/adapters").json()
     assert [(a["name"], a["version"]) for a in after["data"]] == [(a["name"], a["version"]) for a in before["data"]]
+    # Once served, the check is the lease's (no registry read), and still a 409.
+    assert client.post("/v1/classify", json={"adapter": "sentiment", "inputs": "x"}).status_code == 200
+    assert client.post("/v1/embeddings", json={"model": "search", "input": "x"}).status_code == 200
+    assert "classification adapter" in _error(_post(client, model="sentiment", input="x"), 409)["message"]
+    assert "embedding adapter" in _error(client.post("/v1/classify", json={"adapter": "search", "inputs": "x"}),
+                                         409)["message"]
 
 
 def test_models_list_embedding_adapters_and_metrics_label_the_task(client):
