@@ -94,9 +94,10 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
     if rows is None:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         check_limits(texts, ctx.settings, param="input")
-        rows = await asyncio.get_running_loop().run_in_executor(None, engine.tokenize, texts)
+        rows = await asyncio.get_running_loop().run_in_executor(None, engine.tokenize, texts,
+                                                                engine.embedding_length)
     else:
-        rows = [row[: engine.max_length] for row in rows]
+        rows = [row[: engine.embedding_length] for row in rows]
     request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
                                 "adapter": body.model, "task": "embedding"}
     await check_task(ctx, body.model, "embedding", "model")

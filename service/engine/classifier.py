@@ -149,9 +149,15 @@ class ClassifierEngine:
     def num_labels(self, slot: int) -> int:
         return self.heads.num_labels[slot]
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids per text, truncated to max_length (no padding: the batcher pads per batch)."""
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids per text, truncated to max_length (default the engine's; no padding: the batcher pads)."""
+        return self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)["input_ids"]
+
+    @property
+    def embedding_length(self) -> int:
+        """Tokens per embedding input: the engine's limit, or the base's sentence-transformers
+        `max_seq_length` when lower (so vectors equal SentenceTransformer.encode on long texts too)."""
+        return min(self.max_length, self.pooling.max_seq_length or self.max_length)
 
     @torch.inference_mode()
     def logits(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Tensor) -> Tensor:

@@ -80,6 +80,22 @@ def test_adapter_and_base_vectors_equal_peft(client, world):
     assert _post(client, model="search", input=TEXTS).json()["model"] == "search"
 
 
+def test_long_texts_are_cut_at_the_bases_max_seq_length(client, world):
+    _, oracle, _, tokenizer = world
+    engine = client.app.state.ctx.batcher.engine
+    before = engine.pooling
+    engine.pooling = Pooling(max_seq_length=4)  # as a sentence_bert_config.json would say
+    try:
+        got = torch.tensor(_post(client, model="search", input=TEXTS[1]).json()["data"][0]["embedding"])
+    finally:
+        engine.pooling = before
+    enc = tokenizer([TEXTS[1]], truncation=True, max_length=4, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 4 < len(tokenizer(TEXTS[1])["input_ids"])
+    with torch.no_grad():
+        want = Pooling()(oracle(**enc).last_hidden_state, enc["attention_mask"])[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_base64_dimensions_and_token_ids(client, world):
     _, oracle, _, tokenizer = world
     want = _want(oracle, tokenizer, TEXTS[:1])[0]
