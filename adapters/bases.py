@@ -114,8 +114,14 @@ def load_base(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ):
-    """Load (model, tokenizer) for `task` ("classification" or "generation"), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    """Load (model, tokenizer) for `task` ("classification", "generation" or "embedding": the bare encoder,
+    whose last hidden state is pooled), in eval mode."""
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     source = resolve_base(name_or_path)
     try:
@@ -127,12 +133,14 @@ def load_base(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, **kwargs)
+        elif task == "embedding":
+            model = AutoModel.from_pretrained(source, dtype=dtype)
         elif task == "generation":
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
         else:
-            raise LoraswapError(f"unknown task {task!r}: expected classification or generation")
+            raise LoraswapError(f"unknown task {task!r}: expected classification, generation or embedding")
     except OSError as exc:
         raise LoraswapError(f"cannot load base model {name_or_path!r}: {exc}") from exc
     return model.to(device).eval(), tokenizer

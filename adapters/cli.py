@@ -118,7 +118,9 @@ def load_base_model(name_or_path: str, task: str):
 def _describe(name_or_path: str, task: str, source: str | Path | None = None):
     """Fingerprint the base `name_or_path`, loaded from `source` (a local folder) when given."""
     from adapters.fingerprint import describe_base
+    from adapters.peft import BASE_TASKS
 
+    task = BASE_TASKS.get(task, task)  # an embedding adapter is checked against the encoder as it is served
     return describe_base(load_base_model(str(source or name_or_path), task), name_or_path, task)
 
 
@@ -279,7 +281,7 @@ def register_adapter_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--base", help="base model (default: base_model_name_or_path of adapter_config.json)")
     p.add_argument(
-        "--task", choices=["classification", "generation"], help="default: from the PEFT task_type"
+        "--task", choices=["classification", "generation", "embedding"], help="default: from the PEFT task_type"
     )
     p.add_argument("--no-publish", action="store_true", help="only write loraswap.json into PEFT_DIR")
     p.set_defaults(func=_cmd_import)

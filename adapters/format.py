@@ -25,6 +25,7 @@ from adapters.errors import AdapterConflictError, AdapterValidationError
 from adapters.fingerprint import BaseModelInfo
 from adapters.manifest import MANIFEST_FILE, HeadTensor, LoraInfo, Manifest
 from adapters.peft import (
+    BASE_TASKS,
     CONFIG_FILE,
     PEFT_TASKS,
     WEIGHTS_FILE,
@@ -174,9 +175,9 @@ def output_rows(head: dict[str, Tensor]) -> int:
 
 
 def _check_head(manifest: Manifest, head: dict[str, Tensor], base: BaseModelInfo | None) -> None:
-    if manifest.task == "generation":
+    if manifest.task != "classification":
         if head:
-            raise AdapterValidationError("modules_to_save is not supported for generation adapters")
+            raise AdapterValidationError(f"modules_to_save is not supported for {manifest.task} adapters")
         return
     if not head:
         raise AdapterValidationError("classification adapter has no head weights (modules_to_save)")
@@ -232,7 +233,7 @@ def read_adapter(
     manifest = Manifest.load(folder)
     validate_name(manifest.name)
     if base is not None:
-        if manifest.task != base.task:
+        if BASE_TASKS.get(manifest.task, manifest.task) != base.task:
             raise AdapterConflictError(
                 f"adapter {manifest.name} is for {manifest.task} but the base serves {base.task}"
             )
@@ -303,6 +304,15 @@ def peft_fields(
     return fields
 
 
+def _untyped_task(src: Path, config: dict[str, Any], base_info: BaseModelInfo) -> str:
+    """A PEFT folder without task_type: on an encoder base, a classifier when it saves a head, else an
+    embedding adapter (PEFT's FEATURE_EXTRACTION); on a decoder base, generation."""
+    if base_info.task == "classification":
+        _, head = split_tensors(_load_tensors(src), config, base_info.modules)
+        return "classification" if head else "embedding"
+    return base_info.task
+
+
 def import_peft_folder(
     src: str | Path,
     name: str,
@@ -320,7 +330,7 @@ def import_peft_folder(
     config = read_config(src)
     if not (src / WEIGHTS_FILE).is_file():
         raise AdapterValidationError(f"{WEIGHTS_FILE} is missing from {src}")
-    task = task or PEFT_TASKS.get(config.get("task_type") or "") or base_info.task
+    task = task or PEFT_TASKS.get(config.get("task_type") or "") or _untyped_task(src, config, base_info)
     fields = dict(name=name, version=version, base_model={"name": base_model, "fingerprint": base_info.fingerprint},
                   **peft_fields(src, config, base_info, task))  # fmt: skip
     (src / MANIFEST_FILE).unlink(missing_ok=True)

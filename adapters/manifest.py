@@ -58,7 +58,7 @@ class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
     version: int = Field(ge=1)
-    task: Literal["classification", "generation"]
+    task: Literal["classification", "generation", "embedding"]
     base_model: BaseModelRef
     labels: list[str] | None = None
     head: dict[str, HeadTensor] | None = None

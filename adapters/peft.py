@@ -30,7 +30,9 @@ from adapters.errors import AdapterValidationError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-PEFT_TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "generation"}
+PEFT_TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "generation", "FEATURE_EXTRACTION": "embedding"}
+# The task of the base an adapter's task is served on: embedding adapters run on the encoder base.
+BASE_TASKS = {"embedding": "classification"}
 ALL_LINEAR = "all-linear"
 # PEFT's classification heads, which `all-linear` leaves out (peft.utils.constants.SEQ_CLS_HEAD_NAMES).
 SEQ_CLS_HEADS = ("score", "classifier")

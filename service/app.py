@@ -14,7 +14,7 @@ import anyio
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import adapters, classify, health, openai
+from service.api import adapters, classify, embeddings, health, openai
 from service.auth import KeyStore, authenticate, require_infer
 from service.config import Settings, load_settings
 from service.context import ServiceContext, build_engines
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
     # /metrics takes a `metrics` or `admin` key).
     app.include_router(health.router, responses=error_responses(503))
     app.include_router(classify.router, dependencies=[Depends(require_infer)], responses=COMMON_ERRORS)
+    app.include_router(embeddings.router, dependencies=[Depends(require_infer)], responses=COMMON_ERRORS)
     app.include_router(adapters.router, dependencies=[Depends(authenticate)], responses=COMMON_ERRORS)
     app.include_router(openai.router, dependencies=[Depends(require_infer)], responses=COMMON_ERRORS)
     return app

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
-    # Adapter residency (see service/adapter_cache.py).
+    # Adapter residency (see service/router.py, slot_pool.py, host_cache.py).
     max_gpu_adapters: int = Field(32, ge=1, description="adapter slots per engine on the accelerator")
     max_cpu_adapters: int = Field(128, ge=0, description="validated adapters kept in host memory")
     max_rank: int = Field(64, ge=1)

@@ -158,8 +158,9 @@ class ServiceContext:
 def build_engines(s: Settings, classifier: Engine | None = None, generator: Engine | None = None) -> list[Engine]:
     """The engines to serve: those given (tests, benchmarks), else those the settings name (worker thread:
     loading a base takes seconds)."""
-    from adapters.bases import load_base
+    from adapters.bases import load_base, local_base
     from adapters.fingerprint import describe_base
+    from adapters.pooling import read_pooling
     from service.engine.classifier import ClassifierEngine
     from service.engine.generator import GeneratorEngine
 
@@ -170,7 +171,8 @@ def build_engines(s: Settings, classifier: Engine | None = None, generator: Engi
         info = describe_base(model, s.encoder_base, "classification")
         log.info("encoder base %s loaded on %s (%s)", s.encoder_base, device, dtype)
         engines.append(ClassifierEngine(model, tokenizer, info, num_slots=s.max_gpu_adapters + 1,
-                                        max_rank=s.max_rank, device=device, dtype=dtype, max_length=s.max_length))
+                                        max_rank=s.max_rank, device=device, dtype=dtype, max_length=s.max_length,
+                                        pooling=read_pooling(local_base(s.encoder_base))))  # the base's own
     if generator is None and s.decoder_base:
         model, tokenizer = load_base(s.decoder_base, "generation", dtype=dtype, device=device)
         info = describe_base(model, s.decoder_base, "generation")

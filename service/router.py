@@ -34,6 +34,7 @@ from adapters.errors import (
     RegistryError,
 )
 from adapters.format import AdapterWeights, read_adapter
+from adapters.manifest import Manifest
 from adapters.ref import AdapterRef
 from adapters.registry import Registry, resolve_in
 from service.engine.protocol import Engine
@@ -131,6 +132,8 @@ class AdapterRouter:
         parsed = _parse(ref)
         key = await self._key(parsed)
         plain = parsed.version is None and parsed.alias is None
+        if task is not None and self.pool.get(key) is None:
+            await self._refuse_other_task(key, task)
         missed = False
         while (resident := self.pool.get(key)) is None:
             missed = True
@@ -155,6 +158,19 @@ class AdapterRouter:
                      _release=lambda: self.pool.release(resident),
                      temperature=manifest.calibration.temperature if manifest.calibration else 1.0,
                      min_score=manifest.min_score or 0.0)
+
+    async def _refuse_other_task(self, key: Key, task: str) -> None:
+        """409 before a load: another task's adapter (the engine may serve several) must not take a slot,
+        and evict an idle adapter, only to be refused. Reads the manifest alone (host cache, folder or registry)."""
+        weights = self.host.get(key)
+        if weights is not None:
+            found = weights.manifest.task
+        elif key in self._paths:
+            found = (await asyncio.to_thread(Manifest.load, self._paths[key])).task
+        else:
+            found = (await asyncio.to_thread(self.registry.manifest, *key)).task
+        if found != task:
+            raise AdapterConflictError(f"adapter {key[0]}@{key[1]} is a {found} adapter, not {task}")
 
     async def _key(self, ref: AdapterRef) -> Key:
         """The one resolution of a request's ref: what is served already, else the registry's answer."""

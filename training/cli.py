@@ -21,7 +21,7 @@ from adapters.errors import LoraswapError
 # override the YAML.
 _FLAGS: list[tuple[str, type, str]] = [
     ("--name", str, "adapter name in the registry"),
-    ("--task", str, "classification | generation"),
+    ("--task", str, "classification | generation | embedding"),
     ("--data", str, "data folder (train/validation/test .jsonl/.csv/.parquet) or one training file"),
     ("--train-file", str, "explicit training file"),
     ("--validation-file", str, "explicit validation file (default: a stratified split of train)"),
@@ -167,11 +167,14 @@ def run(recipe, *, publish: bool = True, command: str | None = None) -> dict[str
         return outcome
     if publish and recipe.registry:
         from adapters.bases import load_base
+        from adapters.peft import BASE_TASKS
         from training.publish import publish as publish_adapter
 
-        # Fingerprint the base exactly as the server loads it (a fresh, unwrapped copy).
-        base_model, _ = load_base(base_name(recipe), recipe.task)
-        info = describe_base(base_model, base_name(recipe), recipe.task)
+        # Fingerprint the base exactly as the server loads it (a fresh, unwrapped copy; embedding adapters
+        # are served on the encoder as the classifier loads it).
+        base_task = BASE_TASKS.get(recipe.task, recipe.task)
+        base_model, _ = load_base(base_name(recipe), base_task)
+        info = describe_base(base_model, base_name(recipe), base_task)
         del base_model
         name, version = publish_adapter(
             result.adapter_dir, eval_dir, registry=recipe.registry, name=recipe.name, task=recipe.task,

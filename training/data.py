@@ -151,6 +151,8 @@ def load_splits(recipe: Recipe) -> Splits:
 
     if recipe.task == "classification":
         columns = [recipe.text_column, recipe.label_column]
+    elif recipe.task == "embedding":
+        columns = _embedding_columns(files["train"], recipe)
     else:
         columns = [recipe.prompt_column, recipe.response_column]
     loaded = {s: read_table(p, columns) for s, p in files.items() if p is not None}
@@ -180,7 +182,7 @@ def load_splits(recipe: Recipe) -> Splits:
 
     auto = "validation" not in loaded
     if auto:
-        strat = recipe.label_column if recipe.task == "classification" else recipe.stratify_column
+        strat = recipe.label_column if recipe.label_column in columns else recipe.stratify_column
         train, validation = _stratified_split(train, strat, recipe.val_fraction, recipe.seed)
     else:
         validation = loaded["validation"]
@@ -200,6 +202,14 @@ def load_splits(recipe: Recipe) -> Splits:
         validation_is_auto=auto,
         info=info,
     )
+
+
+def _embedding_columns(train: Path, recipe: Recipe) -> list[str]:
+    """Pair columns when the training file has both, else labelled texts."""
+    names = read_table(train, []).column_names
+    if recipe.anchor_column in names and recipe.positive_column in names:
+        return [recipe.anchor_column, recipe.positive_column]
+    return [recipe.text_column, recipe.label_column]
 
 
 def cap_rows(ds: Dataset, n: int | None, seed: int) -> Dataset:

@@ -24,6 +24,7 @@ from training.data import (
     tokenize_generation,
     validation_rows,
 )
+from training.embedding import RETRIEVAL_KEYS, evaluate_retrieval
 from training.recipe import Recipe
 from training.train import collator
 
@@ -153,6 +154,8 @@ def evaluate_splits(model, tokenizer, recipe: Recipe, splits: Splits, trainer: T
     """Metrics for the validation split and (when present) the test split, keyed by split."""
     out: dict[str, Any] = {}
     held_out = {"validation": validation_rows(splits, recipe)} | ({"test": splits.test} if splits.test is not None else {})
+    if recipe.task == "embedding":
+        return evaluate_retrieval(model, tokenizer, _pooling(recipe), recipe, splits.train, held_out)
     for name, data in held_out.items():
         if recipe.task == "classification":
             out[name] = evaluate_classification(model, tokenizer, recipe, data, splits.labels, trainer)
@@ -163,13 +166,22 @@ def evaluate_splits(model, tokenizer, recipe: Recipe, splits: Splits, trainer: T
     return out
 
 
+def _pooling(recipe: Recipe):
+    from adapters.bases import local_base
+    from adapters.pooling import read_pooling
+    from training.train import base_name
+
+    return read_pooling(local_base(base_name(recipe)))
+
+
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
     """Flat numbers for the manifest: `validation_accuracy`, `test_f1_macro`, `test_loss`, ..."""
     flat: dict[str, float] = {}
     for split, values in metrics.items():
         if not isinstance(values, dict):
             continue
-        for key in ("accuracy", "f1_macro", "loss", "perplexity", "base_loss", "base_perplexity", "loss_reduction"):
+        for key in ("accuracy", "f1_macro", "loss", "perplexity", "base_loss", "base_perplexity", "loss_reduction",
+                    *RETRIEVAL_KEYS, *(f"base_{k}" for k in RETRIEVAL_KEYS)):
             if key in values and isinstance(values[key], (int, float)) and math.isfinite(values[key]):
                 flat[f"{split}_{key}"] = round(float(values[key]), 6)
     return flat
@@ -183,13 +195,14 @@ def load_adapter_model(folder: str | Path, base: str | None = None):
 
     from adapters.bases import load_base
     from adapters.manifest import MANIFEST_FILE, Manifest
+    from adapters.peft import PEFT_TASKS
 
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise LoraswapError(f"{folder}: no adapter_config.json (not a LoRA adapter folder)")
     manifest = Manifest.load(folder) if (folder / MANIFEST_FILE).is_file() else None
     config = json.loads((folder / "adapter_config.json").read_text())
-    task = manifest.task if manifest else ("classification" if config.get("task_type") == "SEQ_CLS" else "generation")
+    task = manifest.task if manifest else PEFT_TASKS.get(config.get("task_type") or "", "generation")
     base_name = base or (manifest.base_model.name if manifest else config.get("base_model_name_or_path"))
     labels = manifest.labels if manifest else None
     model, tokenizer = load_base(base_name, task, num_labels=len(labels) if labels else None)

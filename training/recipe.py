@@ -26,13 +26,15 @@ DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 @dataclass
 class Recipe:
     name: str = ""
-    task: str = "classification"  # classification | generation
+    task: str = "classification"  # classification | generation | embedding
     data: str = ""  # a folder with train/validation/test files, or one training file
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
     text_column: str = "text"
-    label_column: str = "label"  # classification
+    label_column: str = "label"  # classification; embedding: pairs are drawn from same-label rows
+    anchor_column: str = "anchor"  # embedding: pair data (used when both pair columns are present)
+    positive_column: str = "positive"  # embedding
     prompt_column: str = "instruction"  # generation
     response_column: str = "response"  # generation
     stratify_column: str | None = None  # generation: column to stratify an automatic validation split
@@ -89,19 +91,19 @@ class Recipe:
     def best_metric(self) -> str:
         if self.metric:
             return self.metric
-        return "accuracy" if self.task == "classification" else "loss"
+        return {"classification": "accuracy", "embedding": "accuracy_at_1"}.get(self.task, "loss")
 
     @property
     def targets(self) -> list[str]:
         if self.lora_targets:
             return list(self.lora_targets)
-        return ENCODER_TARGETS if self.task == "classification" else DECODER_TARGETS
+        return DECODER_TARGETS if self.task == "generation" else ENCODER_TARGETS
 
     def validate(self) -> Recipe:
         if not self.name:
             raise LoraswapError("a recipe needs a name (--name)")
-        if self.task not in ("classification", "generation"):
-            raise LoraswapError(f"unknown task {self.task!r}: expected classification or generation")
+        if self.task not in ("classification", "generation", "embedding"):
+            raise LoraswapError(f"unknown task {self.task!r}: expected classification, generation or embedding")
         if not self.data and not self.train_file:
             raise LoraswapError("a recipe needs data (--data PATH)")
         if self.method not in ("lora", "bitfit"):

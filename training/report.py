@@ -102,6 +102,27 @@ def plot_coverage(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+RETRIEVAL = (("accuracy_at_1", "accuracy@1"), ("recall_at_5", "recall@5"), ("mrr_at_10", "MRR@10"))
+
+
+def plot_retrieval(metrics: dict[str, Any], path: Path, title: str) -> None:
+    """Base vs adapter bars for each retrieval metric of one split."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = range(len(RETRIEVAL))
+    for k, (who, prefix) in enumerate((("base", "base_"), ("adapter", ""))):
+        values = [metrics[f"{prefix}{key}"] for key, _ in RETRIEVAL]
+        bars = ax.bar([x + 0.4 * k for x in xs], values, 0.4, label=who)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks([x + 0.2 for x in xs], [label for _, label in RETRIEVAL])
+    low = min(min(metrics[k], metrics[f"base_{k}"]) for k, _ in RETRIEVAL)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def calibration_lines(calibration: dict[str, Any], folder: Path) -> list[str]:
     """The report's calibration section; draws reliability.png and coverage.png into `folder`."""
     splits = calibration["splits"]
@@ -168,6 +189,19 @@ def write_eval_folder(folder: Path, *, name: str, task: str, metrics: dict[str, 
             lines += ["![label distribution](label_distribution.png)", ""]
         if calibration:
             lines += calibration_lines(calibration, folder)
+    elif task == "embedding":
+        split_for_plot = "test" if "test" in metrics else "validation"
+        plot_retrieval(metrics[split_for_plot], folder / "retrieval.png", f"{name} — {split_for_plot} vs train")
+        lines += ["## Results (retrieval: each split's rows as queries, the train split as the index, cosine)", "",
+                  "| split | rows | model | " + " | ".join(label for _, label in RETRIEVAL) + " |",
+                  "|---|---|---|---|---|---|"]
+        for split, m in metrics.items():
+            for who, prefix in (("base", "base_"), ("adapter", "")):
+                lines.append(f"| {split} | {m['rows']} | {who} | "
+                             + " | ".join(f"{m[prefix + key]:.4f}" for key, _ in RETRIEVAL) + " |")
+        lines += ["", "accuracy@1: the nearest train row has the query's label; recall@5: one of the 5 nearest"
+                  " has; MRR@10: mean of 1/rank of the first same-label row among the 10 nearest (0 if none).", "",
+                  "![retrieval](retrieval.png)", ""]
     else:
         lines += ["## Results (mean loss on reply tokens; lower is better)", "",
                   "| split | rows | adapter loss | adapter ppl | base loss | base ppl | loss reduction |",
@@ -184,7 +218,7 @@ def write_eval_folder(folder: Path, *, name: str, task: str, metrics: dict[str, 
                           "**adapter:**", "", _quote(s["reply"]), "", "**base model:**", "", _quote(s["base_reply"]),
                           "", "**reference:**", "", _quote(s["reference"]), ""]
     if history:
-        metric = "accuracy" if task == "classification" else "loss"
+        metric = {"classification": "accuracy", "embedding": "accuracy_at_1"}.get(task, "loss")
         plot_curve(history, folder / "learning_curve.png", metric)
         if (folder / "learning_curve.png").exists():
             lines += ["## Learning curve", "", "![learning curve](learning_curve.png)", ""]

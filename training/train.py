@@ -38,6 +38,7 @@ from training.data import (
     validation_rows,
 )
 from training.dropout import use_bulk_dropout
+from training.embedding import EmbeddingTrainer, PairCollator, pairs, tokenize_pairs
 from training.recipe import Recipe
 
 log = logging.getLogger("loraswap.train")
@@ -60,7 +61,7 @@ class TrainResult:
 
 
 def base_name(recipe: Recipe) -> str:
-    return recipe.base or (DEFAULT_ENCODER if recipe.task == "classification" else DEFAULT_DECODER)
+    return recipe.base or (DEFAULT_DECODER if recipe.task == "generation" else DEFAULT_ENCODER)
 
 
 def cpu_model() -> str:
@@ -127,8 +128,9 @@ def apply_lora(model, recipe: Recipe):
         save = seq_cls_heads(heads)
         if recipe.train_pooler and any("pooler" in h for h in heads):
             save.append("pooler")
+    task_types = {"classification": TaskType.SEQ_CLS, "embedding": TaskType.FEATURE_EXTRACTION}
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
+        task_type=task_types.get(recipe.task, TaskType.CAUSAL_LM),
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
         lora_dropout=recipe.lora_dropout,
@@ -252,6 +254,10 @@ def build(recipe: Recipe):
         model = apply_lora(model, recipe) if recipe.method == "lora" else apply_bitfit(model, recipe)
         train_ds = tokenize_classification(splits.train, tokenizer, recipe, splits.labels)
         eval_ds = longest_first(tokenize_classification(validation_rows(splits, recipe), tokenizer, recipe, splits.labels))
+    elif recipe.task == "embedding":
+        model = apply_lora(model, recipe)
+        train_ds = tokenize_pairs(pairs(splits.train, recipe), tokenizer, recipe)
+        eval_ds = validation_rows(splits, recipe)  # raw rows: EmbeddingTrainer.evaluate retrieves them
     else:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -278,16 +284,18 @@ def train(recipe: Recipe) -> TrainResult:
     if tb is not None:
         callbacks.append(tb)
 
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(recipe, run_dir),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator(tokenizer, recipe.task),
-        processing_class=tokenizer,
-        compute_metrics=classification_metrics if recipe.task == "classification" else None,
-        callbacks=callbacks,
-    )
+    common = dict(model=model, args=training_arguments(recipe, run_dir), train_dataset=train_ds,
+                  eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
+    if recipe.task == "embedding":
+        from adapters.bases import local_base
+        from adapters.pooling import read_pooling
+
+        trainer: Trainer = EmbeddingTrainer(**common, data_collator=PairCollator(tokenizer), recipe=recipe,
+                                            pooling=read_pooling(local_base(base_name(recipe))),
+                                            index=splits.train, queries=eval_ds)
+    else:
+        trainer = Trainer(**common, data_collator=collator(tokenizer, recipe.task),
+                          compute_metrics=classification_metrics if recipe.task == "classification" else None)
     if recipe.task == "classification":
         # The classification models return a per-batch mean loss and ignore `num_items_in_batch`, but their
         # forward takes **kwargs, so the Trainer would treat that loss as token-normalised: it would skip the

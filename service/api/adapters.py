@@ -253,8 +253,9 @@ async def list_models(request: Request) -> ModelList:
     ctx = request.app.state.ctx
     created = int(time.time())
     bases = {task: ctx.base_id(task) for task in sorted(ctx.engines)}
-    data = [ModelCard(id=base, created=created, parent=None, task=task)
-            for task, base in bases.items() if auth.allowed(request, base)]
+    first_task = {base: task for task, base in reversed(bases.items())}  # one card per base (the encoder
+    data = [ModelCard(id=base, created=created, parent=None, task=task)  # serves two tasks)
+            for base, task in sorted(first_task.items()) if auth.allowed(request, base)]
     for name in await asyncio.to_thread(ctx.registry.names):
         if not auth.allowed(request, name):
             continue

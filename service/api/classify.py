@@ -16,6 +16,7 @@ from service.api.inputs import Ref, check_text
 from service.engine.classifier import ClassifierEngine
 from service.errors import APIError
 from service.limits import tenant_of
+from service.router import Lease
 
 router = APIRouter(tags=["classify"])
 log = logging.getLogger("loraswap.classify")
@@ -55,16 +56,36 @@ class ClassifyResponse(BaseModel):
     usage: ClassifyUsage
 
 
-def _check_limits(texts: list[str], settings) -> None:
+def check_limits(texts: list[str], settings, param: str = "inputs") -> None:
+    """The input limits of every encoder endpoint (/v1/classify, /v1/embeddings)."""
     if not texts:
-        raise APIError(400, "inputs must not be empty", param="inputs")
+        raise APIError(400, f"{param} must not be empty", param=param)
     if len(texts) > settings.max_inputs:
-        raise APIError(413, f"too many inputs: {len(texts)} > {settings.max_inputs}", param="inputs")
+        raise APIError(413, f"too many inputs: {len(texts)} > {settings.max_inputs}", param=param)
     for i, text in enumerate(texts):
         if len(text) > settings.max_input_chars:
-            raise APIError(413, f"inputs[{i}] has {len(text)} characters > {settings.max_input_chars}",
-                           param="inputs")
-        check_text(text, f"inputs[{i}]")
+            raise APIError(413, f"{param}[{i}] has {len(text)} characters > {settings.max_input_chars}",
+                           param=param)
+        check_text(text, f"{param}[{i}]")
+
+
+async def submit_rows(request: Request, engine: ClassifierEngine, rows: list, lease: Lease, name: str, task: str,
+                      *, embed: bool = False) -> list[torch.Tensor]:
+    """Rows (texts or token ids) of one request of an encoder endpoint through the engine's batcher: its queue
+    wait is observed; a failed batch fails only its requests, as a retryable 503."""
+    metrics = request.app.state.ctx.metrics
+
+    def waited(seconds: float) -> None:
+        metrics.observe_queue_wait(name, task, seconds)
+
+    try:
+        return await engine.submit(rows, lease.slot, tenant_of(request), on_start=waited, embed=embed)
+    except (LoraswapError, asyncio.CancelledError):  # overloaded, a failed row...: their own status
+        raise
+    except Exception as exc:  # the batch failed (e.g. out of memory): only its requests fail, retryable
+        rid = getattr(request.state, "request_id", None)
+        log.exception("%s batch failed (request_id=%s)", task, rid)
+        raise EngineError(f"inference failed in the engine; retry (request id {rid})") from exc
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
@@ -75,24 +96,13 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         raise APIError(404, "this server has no classification base model", code="task_unavailable")
     auth.check_adapter(request, body.adapter)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    _check_limits(texts, ctx.settings)
+    check_limits(texts, ctx.settings)
     request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
                                 "adapter": body.adapter, "task": "classification"}
     started = time.perf_counter()
     async with ctx.lease("classification", body.adapter) as lease:
         name = request.state.log_fields["resolved_adapter"] = lease.name or body.adapter
-
-        def waited(seconds: float) -> None:
-            ctx.metrics.observe_queue_wait(name, "classification", seconds)
-
-        try:
-            logits = await engine.submit(texts, lease.slot, tenant_of(request), on_start=waited)
-        except (LoraswapError, asyncio.CancelledError):  # overloaded, a failed row...: their own status
-            raise
-        except Exception as exc:  # the batch failed (e.g. out of memory): only its requests fail, retryable
-            rid = getattr(request.state, "request_id", None)
-            log.exception("classification batch failed (request_id=%s)", rid)
-            raise EngineError(f"inference failed in the engine; retry (request id {rid})") from exc
+        logits = await submit_rows(request, engine, texts, lease, name, "classification")
     request.state.log_fields.update(adapter=name, version=lease.version, inputs=len(texts),
                                     compute_ms=round((time.perf_counter() - started) * 1e3, 3))
     results = []

@@ -38,6 +38,7 @@ class _Request:
     done_rows: int = 0
     sparse: bool = False  # nothing else arrived within max_wait before it: do not wait for company
     on_start: Callable[[float], None] | None = None  # told the queue wait when its first row runs
+    embed: bool = False  # its rows want pooled embeddings, not logits (same batches, same slots)
 
     @property
     def started(self) -> bool:
@@ -120,9 +121,10 @@ class ClassifyBatcher:
         self._model_thread.shutdown(wait=True)
         self._token_thread.shutdown(wait=True)
 
-    async def submit(self, texts: str | Sequence[str], slot: int, tenant: str | None = None,
-                     on_start: Callable[[float], None] | None = None) -> list[Tensor]:
-        """Logits for each text through `slot` (trimmed to its label count). Raises QueueFullError, also
+    async def submit(self, texts: str | Sequence[str] | Sequence[Sequence[int]], slot: int, tenant: str | None = None,
+                     on_start: Callable[[float], None] | None = None, *, embed: bool = False) -> list[Tensor]:
+        """Logits for each text through `slot` (trimmed to its label count), or with `embed` its pooled
+        embedding; texts may be given as token-id lists (truncated like texts). Raises QueueFullError, also
         when `tenant` already has `max_tenant_tokens` tokens queued. `on_start(seconds)` is called once, with
         the time from submit to the request's first batch (its queue wait, tokenizing included)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -134,11 +136,14 @@ class ClassifyBatcher:
         loop, arrived = asyncio.get_running_loop(), time.perf_counter()
         self._tokenizing += 1
         try:
-            rows = await loop.run_in_executor(self._token_thread, self.engine.tokenize, texts)
+            if isinstance(texts[0], str):
+                rows = await loop.run_in_executor(self._token_thread, self.engine.tokenize, texts)
+            else:
+                rows = [list(ids)[: self.engine.max_length] for ids in texts]
         finally:
             self._tokenizing -= 1
         request = _Request(rows=rows, slot=slot, future=loop.create_future(), results=[None] * len(rows),
-                           tenant=tenant, on_start=on_start, arrived=arrived)
+                           tenant=tenant, on_start=on_start, arrived=arrived, embed=embed)
         queued = sum(r.outstanding_tokens for r in {*self._pending, *self._running} if r.tenant == tenant)
         if queued and queued + request.outstanding_tokens > self.max_tenant_tokens:
             raise QueueFullError(f"this key already has {queued} tokens queued for classification"
@@ -273,8 +278,11 @@ class ClassifyBatcher:
         started = time.perf_counter()
         rows = [r.rows[i] for r, i in batch]
         slots = [r.slot for r, _ in batch]
+        embed = [r.embed for r, _ in batch]
+        # Only batches with embedding rows pass `embed`: an engine that only classifies keeps run(rows, slots).
+        extra = (embed,) if any(embed) else ()
         try:
-            out = await loop.run_in_executor(self._model_thread, self.engine.run, rows, slots)
+            out = await loop.run_in_executor(self._model_thread, self.engine.run, rows, slots, *extra)
         except Exception as exc:  # a failing batch fails its own requests only; the loop goes on
             for request in requests:
                 self._finish(request, exc)

@@ -1,6 +1,7 @@
 """ClassifierEngine: one encoder (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, DeBERTa-v2, ModernBERT) with
 multi-LoRA linears and per-slot classification heads (heads.py), so rows for different adapters (with
-different label counts) share one forward pass.
+different label counts) share one forward pass. A row may instead ask for its sentence embedding: the last
+hidden state through the base's pooling (adapters/pooling.py), in the same forward as classification rows.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from adapters.errors import AdapterValidationError
 from adapters.format import AdapterWeights
+from adapters.pooling import Pooling
 from service.engine.batcher import ClassifyBatcher
 from service.engine.heads import SlotHeads, family_of
 from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
@@ -55,7 +57,7 @@ class ClassifierEngine:
     that no in-flight request uses is safe meanwhile (the router's leases guarantee that).
     """
 
-    tasks = frozenset({"classification"})
+    tasks = frozenset({"classification", "embedding"})  # embedding rows: pooled hidden states, no head
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class ClassifierEngine:
         dtype: torch.dtype = torch.float32,
         max_length: int = 256,
         max_labels: int = 128,
+        pooling: Pooling | None = None,
     ) -> None:
         family = family_of(model)  # before anything else: an unsupported model changes nothing
         encoder = getattr(model, "base_model", None)
@@ -86,6 +89,7 @@ class ClassifierEngine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.num_slots, self.max_rank, self.max_length = num_slots, max_rank, max_length
+        self.pooling = pooling or Pooling()  # sentence-transformers' default for a plain encoder: mean
         self.heads = SlotHeads(model, family, num_slots, max_labels)
         # A head module inside the encoder (BERT's pooler) runs per slot from `heads`; the encoder then runs
         # without it (BertModel skips a None pooler), so the base's is not computed too.
@@ -143,12 +147,13 @@ class ClassifierEngine:
         b = self.batcher
         return EngineStats(running=b.running if b else 0, waiting=b.queue_depth if b else 0)
 
-    async def submit(self, texts: Sequence[str], slot: int, tenant: str | None = None,
-                     on_start: Callable[[float], None] | None = None) -> list[Tensor]:
-        """Logits per text through `slot`, batched with other requests (see ClassifyBatcher.submit)."""
+    async def submit(self, texts: Sequence[str] | Sequence[Sequence[int]], slot: int, tenant: str | None = None,
+                     on_start: Callable[[float], None] | None = None, *, embed: bool = False) -> list[Tensor]:
+        """Logits (or with `embed` pooled embeddings) per text through `slot`, batched with other requests
+        (see ClassifyBatcher.submit)."""
         if self.batcher is None:
             raise RuntimeError("the classifier engine is not started")
-        return await self.batcher.submit(texts, slot, tenant, on_start=on_start)
+        return await self.batcher.submit(texts, slot, tenant, on_start=on_start, embed=embed)
 
     def load_slot(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an AdapterWeights (LoRA + modules_to_save head) into `slot`; validated before any write.
@@ -179,25 +184,38 @@ class ClassifierEngine:
     def num_labels(self, slot: int) -> int:
         return self.heads.num_labels[slot]
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids per text, truncated to max_length (no padding: the batcher pads per batch)."""
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids per text, truncated to max_length (default the engine's; no padding: the batcher pads)."""
+        return self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)["input_ids"]
+
+    @property
+    def embedding_length(self) -> int:
+        """Tokens per embedding input: the engine's limit, or the base's sentence-transformers
+        `max_seq_length` when lower (so vectors equal SentenceTransformer.encode on long texts too)."""
+        return min(self.max_length, self.pooling.max_seq_length or self.max_length)
 
     @torch.inference_mode()
     def logits(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: Sequence[int] | Tensor) -> Tensor:
         """[B, L_max] logits, row i through slot_ids[i]'s LoRA and head; padded label columns are -inf."""
+        hidden, attention_mask, slot_ids = self.hidden(input_ids, attention_mask, slot_ids)
+        return self.heads(hidden, attention_mask, slot_ids)
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor,
+               slot_ids: Sequence[int] | Tensor) -> tuple[Tensor, Tensor, list[int]]:
+        """(last hidden state [B, T, h], mask on the engine's device, slot ids as a host list); row i through
+        slot_ids[i]'s LoRA."""
         slot_ids = slot_ids.tolist() if isinstance(slot_ids, Tensor) else [int(s) for s in slot_ids]
         padded = not bool(attention_mask.all())  # before the move: no device sync for CPU-built masks
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.per_slot:
-            hidden = self._encode_per_slot(input_ids, attention_mask, slot_ids)
-            return self.heads(hidden, attention_mask, slot_ids)
+            return self._encode_per_slot(input_ids, attention_mask, slot_ids), attention_mask, slot_ids
         with self.slots.use(slot_ids):
             if self.layers is None:
                 hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             else:
                 hidden = self._encode(input_ids, attention_mask if padded else None)
-        return self.heads(hidden, attention_mask, slot_ids)
+        return hidden, attention_mask, slot_ids
 
     def _encode_per_slot(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: list[int]) -> Tensor:
         """The encoder's own forward once per distinct slot, over that slot's rows."""
@@ -247,8 +265,10 @@ class ClassifierEngine:
             x = layer.output(layer.intermediate(x), x)
         return x
 
-    def run(self, rows: Sequence[Sequence[int]], slot_ids: Sequence[int]) -> list[Tensor]:
-        """Token-id rows (any lengths) -> per-row logits trimmed to the row's slot's label count (CPU)."""
+    def run(self, rows: Sequence[Sequence[int]], slot_ids: Sequence[int],
+            embed: Sequence[bool] | None = None) -> list[Tensor]:
+        """Token-id rows (any lengths) -> per row (CPU): logits trimmed to the row's slot's label count, or,
+        where `embed[i]`, the row's pooled sentence embedding; all rows share one encoder forward."""
         pad = self.tokenizer.pad_token_id
         if pad is None:  # RoBERTa's positions count non-pad ids: pad with the model's own pad id
             pad = getattr(self.model.config, "pad_token_id", None) or 0
@@ -258,8 +278,31 @@ class ClassifierEngine:
         for i, r in enumerate(rows):  # right padding: the CLS token stays at position 0
             input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
             attention_mask[i, : len(r)] = 1
-        out = self.logits(input_ids, attention_mask, list(slot_ids)).float().cpu()
-        return [out[i, : self.num_labels(s)] for i, s in enumerate(slot_ids)]
+        if not embed or not any(embed):
+            out = self.logits(input_ids, attention_mask, list(slot_ids)).float().cpu()
+            return [out[i, : self.num_labels(s)] for i, s in enumerate(slot_ids)]
+        return self._mixed(input_ids, attention_mask, list(slot_ids), list(embed))
+
+    @torch.inference_mode()
+    def _mixed(self, input_ids: Tensor, attention_mask: Tensor, slot_ids: list[int], embed: list[bool]) -> list[Tensor]:
+        """One forward; heads for the classification rows only, pooling for the embedding rows."""
+        hidden, mask, slots = self.hidden(input_ids, attention_mask, slot_ids)
+        out: list[Tensor | None] = [None] * len(slot_ids)
+        for wanted in (False, True):
+            rows = [i for i, e in enumerate(embed) if e == wanted]
+            if not rows:
+                continue
+            index = torch.as_tensor(rows, device=hidden.device)
+            h, m = hidden.index_select(0, index), mask.index_select(0, index)
+            if wanted:
+                values = self.pooling(h, m).float().cpu()
+                for k, i in enumerate(rows):
+                    out[i] = values[k]
+            else:
+                values = self.heads(h, m, [slots[i] for i in rows]).float().cpu()
+                for k, i in enumerate(rows):
+                    out[i] = values[k, : self.num_labels(slot_ids[i])]
+        return out
 
     def classify(self, texts: Sequence[str], slot_ids: Sequence[int]) -> list[Tensor]:
         """Texts -> per-row logits (one slot per text), each trimmed to its slot's label count."""
