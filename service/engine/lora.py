@@ -57,6 +57,11 @@ class SlotState:
     # The slot of every wrapped input's row, when some row's slot has a DoRA rescale or a LoRA bias
     # (LoraSlots.extra_slots); None otherwise: then those terms are skipped.
     extra_rows: Tensor | None = None
+    # Rank of each slot's adapter (0: empty), kept by LoraSlots; None: unknown, every slot is max_rank.
+    slot_ranks: list[int] | None = None
+    # The largest rank among this forward's slots: the wrapped linears read only that many columns of A
+    # and rows of B, so a step's LoRA work follows its adapters, not max_rank. None: all of them.
+    rank: int | None = None
 
     @property
     def rows(self) -> int:
@@ -70,19 +75,21 @@ class SlotState:
         every wrapped linear takes the gathered path, rows of slot 0 included (their A/B are zeros), and
         applies the DoRA/bias terms (zeros for slots without them)."""
         self.slot_ids, self.active, self.uniform_slot = slot_ids, True, None
-        self.groups, self.laid_out, self.extra_rows = None, False, slot_ids
+        self.groups, self.laid_out, self.extra_rows, self.rank = None, False, slot_ids, None
 
     def set(self, slot_ids: Tensor | None, laid_out: bool = False, extra_slots: frozenset[int] = frozenset()) -> None:
         """Route the next forward's rows; with `laid_out`, ask for the padded layout (granted when
         `groups` is set: the caller reads `self.laid_out` and scatters its rows once for every linear).
         `extra_slots`: slots whose adapters have DoRA or LoRA bias terms."""
-        self.groups, self.laid_out, self.extra_rows = None, False, None
+        self.groups, self.laid_out, self.extra_rows, self.rank = None, False, None, None
         if slot_ids is None:
             self.slot_ids, self.active, self.uniform_slot = None, False, None
             return
         slot_ids = slot_ids.to(dtype=torch.long)
         distinct = torch.unique(slot_ids).tolist()  # one host sync per forward pass, not per linear; sorted
         self.slot_ids = slot_ids
+        if self.slot_ranks is not None:
+            self.rank = max(self.slot_ranks[s] for s in distinct)
         self.active = any(s != 0 for s in distinct)
         self.uniform_slot = distinct[0] if len(distinct) == 1 and distinct[0] != 0 else None
         if self.active and self.uniform_slot is None and slot_ids.device.type == "cpu":
@@ -270,6 +277,9 @@ class MultiLoraLinear(nn.Module):
         if r < self.max_rank:  # only the padding is zeroed: each byte of the slot is written once
             self.lora_A[slot, :, r:].zero_()
             self.lora_B[slot, r:, :].zero_()
+        ranks = self.state.slot_ranks
+        if ranks is not None:  # never below what the slot holds; LoraSlots.load then sets the adapter's rank
+            ranks[slot] = max(ranks[slot], r)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -297,10 +307,13 @@ class MultiLoraLinear(nn.Module):
             raise ValueError(f"slot routing is for {state.rows} rows, the input has {x.shape[0]}")
         if state.extra_rows is not None:
             self._add_extras(y, state)
+        A, B = self.lora_A, self.lora_B
+        if state.rank is not None and state.rank < self.max_rank:  # slots are zero past their rank: exact
+            A, B = A[..., : state.rank], B[:, : state.rank]
         if state.uniform_slot is not None:
-            _add_lora_uniform(y, x, state.uniform_slot, self.lora_A, self.lora_B)
+            _add_lora_uniform(y, x, state.uniform_slot, A, B)
         else:
-            MIXED_PATHS.get(x.device.type, _add_lora_cpu)(y, x, state, self.lora_A, self.lora_B)
+            MIXED_PATHS.get(x.device.type, _add_lora_cpu)(y, x, state, A, B)
         return y
 
     def extra_repr(self) -> str:
