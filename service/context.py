@@ -137,12 +137,13 @@ def _build_classifier(s: Settings):
     from adapters.fingerprint import describe_base
     from service.engine.classifier import ClassifierEngine
 
-    device, dtype = s.resolved_device(), s.resolved_dtype()
-    model, tokenizer = load_base(s.encoder_base, "classification", dtype=dtype, device=device)
+    device, precision = s.resolved_device(), s.resolved_precision("classification")
+    model, tokenizer = load_base(s.encoder_base, "classification", dtype=precision.dtype, device=device)
     info = describe_base(model, s.encoder_base, "classification")
-    log.info("encoder base %s loaded on %s (%s)", s.encoder_base, device, dtype)
+    log.info("encoder base %s loaded on %s, %s", s.encoder_base, device, precision)
     return ClassifierEngine(model, tokenizer, info, num_slots=s.max_gpu_adapters + 1, max_rank=s.max_rank,
-                            device=device, dtype=dtype, max_length=s.max_length)
+                            device=device, dtype=precision.dtype, max_length=s.max_length,
+                            quantization=precision.quantization)
 
 
 def _build_generator(s: Settings):
@@ -154,10 +155,11 @@ def _build_generator(s: Settings):
     from adapters.bases import load_base
     from adapters.fingerprint import describe_base
 
-    device, dtype = s.resolved_device(), s.resolved_dtype()
-    model, tokenizer = load_base(s.decoder_base, "generation", dtype=dtype, device=device)
+    device, precision = s.resolved_device(), s.resolved_precision("generation")
+    model, tokenizer = load_base(s.decoder_base, "generation", dtype=precision.dtype, device=device)
     info = describe_base(model, s.decoder_base, "generation")
-    log.info("decoder base %s loaded on %s (%s)", s.decoder_base, device, dtype)
+    log.info("decoder base %s loaded on %s, %s", s.decoder_base, device, precision)
     return GeneratorEngine(model, tokenizer, info, num_slots=s.max_gpu_adapters + 1, max_rank=s.max_rank,
-                           max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len, device=device, dtype=dtype,
-                           cuda_graphs=s.cuda_graphs, max_tenant_tokens=s.max_tenant_tokens)
+                           max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len, device=device,
+                           dtype=precision.dtype, quantization=precision.quantization, cuda_graphs=s.cuda_graphs,
+                           max_tenant_tokens=s.max_tenant_tokens)
