@@ -25,6 +25,8 @@ SUITES = {
     "fairness": "benchmarks.fairness",
     "families-gen": "benchmarks.families_gen",
     "families-cls": "benchmarks.families_cls",
+    "accuracy": "benchmarks.accuracy",
+    "rank": "benchmarks.rank",
 }
 
 

@@ -1,12 +1,18 @@
 """int8 base linears for CPU serving: weights stored as int8 (per output channel), activations quantized
 per call (dynamic quantization), through torch's own quantized linear (fbgemm/oneDNN, `torch.ops.quantized`).
 
-Why this kernel: on the project's AMD EPYC (AVX2), per SmolLM2-135M linear shapes and 1-16 rows, it was
-the fastest int8 kernel that installs with torch alone; torch's weight-only `_weight_int8pack_mm` and
-torchao's weight-only int8 were 3-12x slower than fp32 there (benchmarks/README.md, "cpu" suite). A decode
-step streams its weights from memory, and int8 weights are a quarter of the fp32 bytes.
+Measured on the project's AMD EPYC (AVX2; 2 cores shared with other work, load average 6-12, so only
+same-run comparisons mean anything; one SmolLM2-135M forward of N one-token rows, 1 thread, best of 4):
+N=1 fp32 540 ms, this kernel 424, torch's weight-only `_weight_int8pack_mm` 800; N=16 fp32 1612, this
+kernel 1641, weight-only 15269; in another run torchao 0.18's weight-only int8 was 1.1-1.9x and its dynamic
+int8 4-6x slower than fp32. Its cost:
+activations are quantized per call with one scale over the whole input (fbgemm: 7 bits), so a row's
+result depends on its batch mates, and SmolLM2's loss on a probe text went 2.387 -> 3.297 (MLP activation
+outliers; weight-only int8 kept 2.378). So `auto` does not choose it (precision.py); it is opt-in.
 Only the linears inside the transformer blocks are quantized (the LoRA targets' rule); the LoRA slots,
 embeddings, norms and heads keep the engine's dtype, so adapters trained in fp32 serve unchanged.
+torch 2.13 warns that its quantized tensors (torch.quantize_per_channel here) are deprecated: when they go,
+this file is the one place to move to torchao or a weight-only kernel.
 """
 
 from __future__ import annotations
