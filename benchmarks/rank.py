@@ -11,6 +11,8 @@ columns of A and rows of B), so both run on the same weights, interleaved. Cases
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from benchmarks.common import machine_info, machine_markdown, median, set_threads, time_interleaved
@@ -65,7 +67,7 @@ def _decode_cases(quantization: str, rows: int, quick: bool) -> dict:
         times = time_interleaved({"base": lambda: step([0] * rows, ranks),
                                   "mixed_before": lambda: step(mixed, None),
                                   "mixed_after": lambda: step(mixed, ranks)},
-                                 warmup=1, reps=2 if quick else 15, device="cpu")  # fmt: skip
+                                 warmup=1, reps=2 if quick else 6, device="cpu")  # fmt: skip
     state.slot_ranks = ranks
     return {k: 1e3 * median(v) for k, v in times.items()}
 
@@ -90,13 +92,16 @@ def _classify_cases(quick: bool) -> dict:
     with torch.inference_mode():
         times = time_interleaved({"base": lambda: run([0] * n, ranks), "mixed_before": lambda: run(mixed, None),
                                   "mixed_after": lambda: run(mixed, ranks)},
-                                 warmup=1, reps=2 if quick else 7, device="cpu")  # fmt: skip
+                                 warmup=1, reps=2 if quick else 4, device="cpu")  # fmt: skip
     state.slot_ranks = ranks
     return {k: 1e3 * median(v) for k, v in times.items()}
 
 
 def run(device: str, quick: bool) -> tuple[dict, str]:
+    """LORASWAP_BENCH_THREADS overrides the thread count (1 on a shared machine: see set_threads)."""
     set_threads(device, quick)
+    if os.environ.get("LORASWAP_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["LORASWAP_BENCH_THREADS"]))
     cases = []
     for quantization in ("none", "int8"):
         for rows in (16, 1):
