@@ -45,9 +45,12 @@ def _accuracy(name: str, precision: str, limit: int | None) -> float:
 
 def run(device: str, quick: bool) -> tuple[dict, str]:
     """LORASWAP_BENCH_PRECISIONS (comma list, default all) narrows the precisions: bf16 is ~3x slower than
-    fp32 on a CPU without AMX."""
+    fp32 on a CPU without AMX. LORASWAP_BENCH_ROWS takes the first rows of each test split only, and
+    LORASWAP_BENCH_THREADS sets the threads (for a shared machine)."""
     set_threads(device, quick)
-    limit = 64 if quick else None
+    if os.environ.get("LORASWAP_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["LORASWAP_BENCH_THREADS"]))
+    limit = 64 if quick else int(os.environ.get("LORASWAP_BENCH_ROWS", 0)) or None
     chosen = os.environ.get("LORASWAP_BENCH_PRECISIONS", ",".join(PRECISIONS)).split(",")
     others = [p for p in chosen if p != "fp32"]
     cases = []
