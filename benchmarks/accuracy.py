@@ -57,10 +57,10 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     for name in ADAPTERS:
         acc = {p: _accuracy(name, p, limit) for p in ["fp32", *others]}
         cases.append({"case": name, **acc, **{f"{p}_minus_fp32_points": 100 * (acc[p] - acc["fp32"]) for p in others}})
-    result = {"machine": machine_info(device), "setup": {"rows_per_split": limit, "batch": 64}, "cases": cases}
-    md = ["# accuracy: shipped classification adapters per base precision (test split)", "",
+    result = {"suite": "accuracy", "quick": quick, "machine": machine_info(device), "setup": {"dtype": "float32", "rows_per_split": limit, "batch": 64}, "cases": cases}
+    md = ["# accuracy — shipped classification adapters per base precision (test split)", "",
           machine_markdown(result["machine"], "per column"), "",
-          "| adapter | fp32 | " + " | ".join(others) + " | " + " | ".join(f"{p} - fp32 (points)" for p in others) + " |",
+          "| case | fp32 | " + " | ".join(others) + " | " + " | ".join(f"{p} - fp32 (points)" for p in others) + " |",
           "|---" * (2 + 2 * len(others)) + "|"]
     for c in cases:
         md.append(f"| {c['case']} | {c['fp32']:.4f} | " + " | ".join(f"{c[p]:.4f}" for p in others) + " | "

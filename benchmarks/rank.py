@@ -104,15 +104,15 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         torch.set_num_threads(int(os.environ["LORASWAP_BENCH_THREADS"]))
     cases = []
     for quantization in ("none", "int8"):
-        for rows in (16, 1):
+        for rows in (16,) if quick else (16, 1):  # --quick: 2 rows, one engine per precision
             ms = _decode_cases(quantization, 2 if quick and rows > 1 else rows, quick)
             cases.append({"case": f"decode_{rows}rows_{'fp32' if quantization == 'none' else 'int8'}", **ms})
     cases.append({"case": "classify_64x64_32adapters_fp32", **_classify_cases(quick)})
     for c in cases:
         c["before_over_base"] = c["mixed_before"] / c["base"]
         c["after_over_base"] = c["mixed_after"] / c["base"]
-    result = {"machine": machine_info(device), "setup": {"max_rank": 64, "ranks": RANKS}, "cases": cases}
-    md = ["# rank: LoRA work that follows the batch's ranks (max_rank 64, adapters of ranks 4-16)", "",
+    result = {"suite": "rank", "quick": quick, "machine": machine_info(device), "setup": {"dtype": "float32", "max_rank": 64, "ranks": RANKS}, "cases": cases}
+    md = ["# rank — LoRA work that follows the batch's ranks (max_rank 64, adapters of ranks 4-16)", "",
           machine_markdown(result["machine"], "fp32 / int8 block linears"), "",
           "| case | no adapter ms | mixed, before ms | mixed, after ms | base/mixed before | base/mixed after |",
           "|---|---|---|---|---|---|"]

@@ -36,6 +36,8 @@ EXPECTED = {
     "fairness": {"fair", "fifo"},
     "families-gen": {"llama", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"},
     "families-cls": {"hf_batch1", "ours_batch1_no_adapter", "ours_batch1_adapter"},
+    "accuracy": {"sentiment", "finance-sentiment", "support-intent"},
+    "rank": {"decode_16rows_fp32", "decode_16rows_int8", "classify_64x64_32adapters_fp32"},
 }  # fmt: skip
 
 
