@@ -27,6 +27,8 @@ SUITES = {
     "families-cls": "benchmarks.families_cls",
     "kernels": "benchmarks.kernels",
     "overload": "benchmarks.overload",
+    "accuracy": "benchmarks.accuracy",
+    "rank": "benchmarks.rank",
 }
 
 

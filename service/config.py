@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     decoder_base: str = DEFAULT_DECODER
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["auto", "none", "int8"] = Field("auto", description="int8: the bases' block linears in"
+                                                          " int8 (CPU); auto: by CPU capability and task")
 
     # Adapter residency (see service/router.py, slot_pool.py, host_cache.py).
     max_gpu_adapters: int = Field(32, ge=1, description="adapter slots per engine on the accelerator")
@@ -106,12 +108,11 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def resolved_dtype(self):
-        import torch
+    def resolved_precision(self, task: str):
+        """The base's dtype and quantization for `task` (service/engine/precision.py decides `auto`)."""
+        from service.engine.precision import choose
 
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device() == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        return choose(self.resolved_device(), task, self.dtype, self.quantization)
 
 
 def load_settings(config_file: str | Path | None = None, **overrides) -> Settings:

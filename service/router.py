@@ -93,6 +93,10 @@ def _parse(ref: str) -> AdapterRef:
         raise AdapterNotFoundError(f"adapter {ref!r} not found ({exc})") from exc
 
 
+def _other_task(key: Key, found: str, task: str) -> AdapterConflictError:
+    return AdapterConflictError(f"adapter {key[0]}@{key[1]} is a {found} adapter; this endpoint serves {task} adapters")
+
+
 class AdapterRouter:
     def __init__(self, engine: Engine, registry: Registry, host: HostCache, *, base_ids: set[str],
                  base_labels: list[str] | None = None, max_concurrent_loads: int = 2, load_on_demand: bool = True,
@@ -145,7 +149,7 @@ class AdapterRouter:
             self.pool.unretire(key)
         adapter_task = resident.weights.manifest.task
         if task is not None and adapter_task != task:
-            raise AdapterConflictError(f"adapter {key[0]}@{key[1]} is a {adapter_task} adapter, not {task}")
+            raise _other_task(key, adapter_task, task)
         self.stats["misses" if missed else "hits"] += 1
         return self._lease(resident)
 
@@ -170,7 +174,7 @@ class AdapterRouter:
         else:
             found = (await asyncio.to_thread(self.registry.manifest, *key)).task
         if found != task:
-            raise AdapterConflictError(f"adapter {key[0]}@{key[1]} is a {found} adapter, not {task}")
+            raise _other_task(key, found, task)
 
     async def _key(self, ref: AdapterRef) -> Key:
         """The one resolution of a request's ref: what is served already, else the registry's answer."""

@@ -21,6 +21,7 @@ from service.engine.heads import SlotHeads, family_of
 from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
 from service.engine.packed_linear import pack_block_linears
 from service.engine.protocol import EngineStats, StepObserver
+from service.engine.quantize import quantize_block_linears
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -73,6 +74,7 @@ class ClassifierEngine:
         max_length: int = 256,
         max_labels: int = 128,
         pooling: Pooling | None = None,
+        quantization: str = "none",
     ) -> None:
         family = family_of(model)  # before anything else: an unsupported model changes nothing
         encoder = getattr(model, "base_model", None)
@@ -111,7 +113,12 @@ class ClassifierEngine:
                 and not (path + ".").startswith(in_head)
                 and (targets is None or matches_target(path, targets))]  # fmt: skip
         self.slots: LoraSlots = inject_multi_lora(model, wrap, num_slots, max_rank)
-        pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
+        # Base block linears: int8 (quantize.py) or oneDNN-packed fp32 (CPU fp32 only); after injection, so
+        # LoRA wraps keep their paths and their stacks stay in the engine's dtype.
+        if quantization == "int8":
+            quantize_block_linears(model)
+        else:
+            pack_block_linears(model)
         # DeBERTa projects its relative position embeddings with the layer's own (LoRA-wrapped) q/k linears
         # once per batch, one row repeated for every row: exact only when all rows share a slot. So such a
         # batch runs once per slot group, and those projections are routed to the group's slot.

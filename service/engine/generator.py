@@ -27,6 +27,7 @@ from service.engine.lora_model import inject_multi_lora
 from service.engine.model_runner import ModelRunner
 from service.engine.packed_linear import pack_block_linears
 from service.engine.protocol import EngineStats, StepObserver
+from service.engine.quantize import quantize_block_linears
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
@@ -141,6 +142,7 @@ class GeneratorEngine:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = True,
+        quantization: str = "none",
     ) -> None:
         model = model.to(device=device, dtype=dtype).eval()
         # Before anything changes the model: refuse a family or feature the runner would not serve exactly.
@@ -163,7 +165,12 @@ class GeneratorEngine:
         self._tenant_tokens: dict[str | None, int] = {}  # event-loop side only: no lock needed
         # Targets None = every linear inside the transformer blocks (q/k/v/o and MLP), never lm_head.
         self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
-        pack_block_linears(model)  # CPU fp32 only; after injection, so LoRA wraps keep their paths
+        # Base block linears: int8 (quantize.py) or oneDNN-packed fp32 (CPU fp32 only); after injection, so
+        # LoRA wraps keep their paths and their stacks stay in the engine's dtype.
+        if quantization == "int8":
+            quantize_block_linears(model)
+        else:
+            pack_block_linears(model)
         self.kv_cache = KVCache(
             len(dec.blocks),
             dec.num_kv_heads,

@@ -59,6 +59,11 @@ class SlotState:
     # The slot of every wrapped input's row, when some row's slot has a DoRA rescale or a LoRA bias
     # (LoraSlots.extra_slots); None otherwise: then those terms are skipped.
     extra_rows: Tensor | None = None
+    # Rank of each slot's adapter (0: empty), kept by LoraSlots; None: unknown, every slot is max_rank.
+    slot_ranks: list[int] | None = None
+    # The largest rank among this forward's slots: the wrapped linears read only that many columns of A
+    # and rows of B, so a step's LoRA work follows its adapters, not max_rank. None: all of them.
+    rank: int | None = None
 
     @property
     def rows(self) -> int:
@@ -72,15 +77,16 @@ class SlotState:
         every wrapped linear takes the gathered path, rows of slot 0 included (their A/B are zeros), and
         applies the DoRA/bias terms (zeros for slots without them)."""
         self.slot_ids, self.active, self.uniform_slot = slot_ids, True, None
-        self.groups, self.laid_out, self.extra_rows = None, False, slot_ids
+        self.groups, self.laid_out, self.extra_rows, self.rank = None, False, slot_ids, None
 
     def set(self, slot_ids: Sequence[int] | Tensor | None, laid_out: bool = False,
             extra_slots: frozenset[int] = frozenset(), device: torch.device | str | None = None) -> None:
         """Route the next forward's rows; with `laid_out`, ask for the padded layout (granted when
         `groups` is set: the caller reads `self.laid_out` and scatters its rows once for every linear).
         `extra_slots`: slots whose adapters have DoRA or LoRA bias terms. The routing metadata (distinct
-        slots, groups) is built here on the host from the ids as a list, and uploaded to `device` once."""
-        self.groups, self.laid_out, self.extra_rows = None, False, None
+        slots, groups, largest rank) is built here on the host from the ids as a list, and uploaded to
+        `device` once."""
+        self.groups, self.laid_out, self.extra_rows, self.rank = None, False, None, None
         if slot_ids is None:
             self.slot_ids, self.slot_list, self.active, self.uniform_slot = None, None, False, None
             return
@@ -91,6 +97,8 @@ class SlotState:
         self.slot_list = [int(s) for s in slot_ids]
         host = torch.tensor(self.slot_list, dtype=torch.long)
         distinct = sorted(set(self.slot_list))
+        if self.slot_ranks is not None:
+            self.rank = max(self.slot_ranks[s] for s in distinct)
         self.active = any(s != 0 for s in distinct)
         self.uniform_slot = distinct[0] if len(distinct) == 1 and distinct[0] != 0 else None
         if self.active and self.uniform_slot is None and device.type == "cpu":
@@ -272,6 +280,9 @@ class MultiLoraLinear(nn.Module):
         if r < self.max_rank:  # only the padding is zeroed: each byte of the slot is written once
             self.lora_A[slot, :, r:].zero_()
             self.lora_B[slot, r:, :].zero_()
+        ranks = self.state.slot_ranks
+        if ranks is not None:  # never below what the slot holds; LoraSlots.load then sets the adapter's rank
+            ranks[slot] = max(ranks[slot], r)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -299,10 +310,13 @@ class MultiLoraLinear(nn.Module):
             raise ValueError(f"slot routing is for {state.rows} rows, the input has {x.shape[0]}")
         if state.extra_rows is not None:
             self._add_extras(y, state)
+        A, B = self.lora_A, self.lora_B
+        if state.rank is not None and state.rank < self.max_rank:  # slots are zero past their rank: exact
+            A, B = A[..., : state.rank], B[:, : state.rank]
         if state.uniform_slot is not None:
-            _add_lora_uniform(y, x, state.uniform_slot, self.lora_A, self.lora_B)
+            _add_lora_uniform(y, x, state.uniform_slot, A, B)
         else:
-            MIXED_PATHS.get(x.device.type, _add_lora_cpu)(y, x, state, self.lora_A, self.lora_B)
+            MIXED_PATHS.get(x.device.type, _add_lora_cpu)(y, x, state, A, B)
         return y
 
     def extra_repr(self) -> str:

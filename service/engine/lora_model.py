@@ -114,6 +114,7 @@ class LoraSlots:
                 module.clear_slot(slot)
         if any(m.bias is not None or m.magnitude is not None for m in lora.values()):
             self.extra_slots = self.extra_slots | {slot}
+        self.state.slot_ranks[slot] = max((lm.rank for lm in lora.values()), default=0)  # exact, after the writes
         self._settle()
 
     def _settle(self) -> None:
@@ -126,6 +127,7 @@ class LoraSlots:
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         self.extra_slots = self.extra_slots - {slot}
+        self.state.slot_ranks[slot] = 0
         for module in self.modules.values():
             module.clear_slot(slot)
         self._settle()
@@ -154,7 +156,7 @@ def inject_multi_lora(
     ]
     if not chosen:
         raise ValueError(f"no Linear/Conv1D module of the model matches targets {targets!r}")
-    state = SlotState()
+    state = SlotState(slot_ranks=[0] * num_slots)
     modules: dict[str, MultiLoraLinear] = {}
     for path, base in chosen:
         wrapped = MultiLoraLinear(base, state, num_slots, max_rank, dtype)

@@ -130,7 +130,7 @@ def test_bad_input_is_a_4xx(client, body, status, param):
 
 def test_wrong_task_model_is_409_both_ways(client):
     before = client.get("/v1/adapters").json()
-    assert _error(_post(client, model="sentiment", input="x"), 409)["message"].startswith("model 'sentiment' is a classification adapter")
+    assert _error(_post(client, model="sentiment", input="x"), 409)["message"].startswith("adapter sentiment@1 is a classification adapter")
     resp = client.post("/v1/classify", json={"adapter": "search", "inputs": "x"})
     assert "embedding adapter" in _error(resp, 409)["message"]
     assert _error(_post(client, model="nope", input="x"), 404)

@@ -260,3 +260,39 @@ def test_use_rejects_bad_slot_ids_and_resets_state() -> None:
     with slots.use(torch.tensor([1, 2])):
         assert slots.state.active
     assert not slots.state.active and slots.state.slot_ids is None
+
+
+def test_step_reads_only_the_batch_max_rank() -> None:
+    """LoRA work follows the largest rank among a forward's slots (slots stay max_rank wide), and the
+    result is the full-width one: the columns past a slot's rank are zeros."""
+    slots = inject_multi_lora(_tiny_bert(), None, num_slots=4, max_rank=16)
+    ranks = {1: 2, 2: 5, 3: 16}
+    for slot, r in ranks.items():
+        slots.load(slot, {p: LoraModule(torch.randn(r, m.in_features), torch.randn(m.out_features, r), 0.5)
+                          for p, m in slots.modules.items()})
+    layer = slots.modules["encoder.layer.0.attention.self.query"]
+    seen: list[int] = []
+    real_bmm = torch.bmm
+
+    def spy_bmm(a, b, *args, **kwargs):
+        seen.append(b.shape[-1] if b.shape[-1] <= 16 else a.shape[-1])
+        return real_bmm(a, b, *args, **kwargs)
+
+    x = torch.randn(4, 3, 32)
+    for ids, rank in (([1, 2, 1, 0], 5), ([1, 1, 1, 1], 2), ([0, 3, 2, 1], 16), ([1, 0, 0, 0], 2)):
+        with slots.use(torch.tensor(ids)):
+            assert slots.state.rank == rank
+            seen.clear()
+            torch.bmm = spy_bmm
+            try:
+                with torch.no_grad():
+                    got = layer(x)
+            finally:
+                torch.bmm = real_bmm
+        if len(set(ids)) > 1:
+            assert seen and set(seen) == {rank}  # the mixed path's matmuls are rank wide, not max_rank
+        want = layer.base(x) + lora_delta_reference(x, torch.tensor(ids), layer.lora_A, layer.lora_B)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    slots.clear(2)
+    with slots.use(torch.tensor([1, 2])):
+        assert slots.state.rank == 2

@@ -1,0 +1,68 @@
+"""accuracy suite: every shipped classification adapter in registry/ served by the ClassifierEngine under
+each base precision (fp32, int8 block linears, bf16), accuracy on its test split, with the budget check
+(within 0.5 point of fp32). The rows are what the server answers, batch of 64 texts, all on one adapter.
+Generation (support-reply's reply loss) is not in it yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine_info, machine_markdown, set_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+ADAPTERS = {"sentiment": "sst2", "finance-sentiment": "financial_phrasebank", "support-intent": "banking77"}
+PRECISIONS = {"fp32": (torch.float32, "none"), "int8": (torch.float32, "int8"), "bf16": (torch.bfloat16, "none")}
+
+
+def _accuracy(name: str, precision: str, limit: int | None) -> float:
+    from adapters.bases import DEFAULT_ENCODER, load_base
+    from adapters.format import read_adapter
+    from adapters.registry import Registry
+    from service.engine.classifier import ClassifierEngine
+
+    dtype, quantization = PRECISIONS[precision]
+    model, tokenizer = load_base(DEFAULT_ENCODER, "classification", dtype=dtype)
+    engine = ClassifierEngine(model, tokenizer, None, num_slots=2, max_rank=64, dtype=dtype,
+                              quantization=quantization)  # fmt: skip
+    reg = Registry(ROOT / "registry")
+    engine.load_slot(1, read_adapter(reg.fetch(*reg.resolve(name)), engine.base_info))
+    rows = [json.loads(line) for line in (DATA / ADAPTERS[name] / "test.jsonl").read_text().splitlines()]
+    rows = rows[:limit] if limit else rows
+    labels, right = engine.labels[1], 0
+    with torch.inference_mode():
+        for i in range(0, len(rows), 64):
+            batch = rows[i : i + 64]
+            logits = engine.classify([r["text"] for r in batch], [1] * len(batch))
+            right += sum(labels[int(lg.argmax())] == r["label"] for lg, r in zip(logits, batch, strict=True))
+    return right / len(rows)
+
+
+def run(device: str, quick: bool) -> tuple[dict, str]:
+    """LORASWAP_BENCH_PRECISIONS (comma list, default all) narrows the precisions: bf16 is ~3x slower than
+    fp32 on a CPU without AMX. LORASWAP_BENCH_ROWS takes the first rows of each test split only, and
+    LORASWAP_BENCH_THREADS sets the threads (for a shared machine)."""
+    set_threads(device, quick)
+    if os.environ.get("LORASWAP_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["LORASWAP_BENCH_THREADS"]))
+    limit = 64 if quick else int(os.environ.get("LORASWAP_BENCH_ROWS", 0)) or None
+    chosen = os.environ.get("LORASWAP_BENCH_PRECISIONS", ",".join(PRECISIONS)).split(",")
+    others = [p for p in chosen if p != "fp32"]
+    cases = []
+    for name in ADAPTERS:
+        acc = {p: _accuracy(name, p, limit) for p in ["fp32", *others]}
+        cases.append({"case": name, **acc, **{f"{p}_minus_fp32_points": 100 * (acc[p] - acc["fp32"]) for p in others}})
+    result = {"suite": "accuracy", "quick": quick, "machine": machine_info(device), "setup": {"dtype": "float32", "rows_per_split": limit, "batch": 64}, "cases": cases}
+    md = ["# accuracy — shipped classification adapters per base precision (test split)", "",
+          machine_markdown(result["machine"], "per column"), "",
+          "| case | fp32 | " + " | ".join(others) + " | " + " | ".join(f"{p} - fp32 (points)" for p in others) + " |",
+          "|---" * (2 + 2 * len(others)) + "|"]
+    for c in cases:
+        md.append(f"| {c['case']} | {c['fp32']:.4f} | " + " | ".join(f"{c[p]:.4f}" for p in others) + " | "
+                  + " | ".join(f"{c[p + '_minus_fp32_points']:+.2f}" for p in others) + " |")
+    return result, "\n".join(md) + "\n"

@@ -1,0 +1,69 @@
+"""Which precision a base is served in: the `dtype` and `quantization` settings, with `auto` chosen by what
+the CPU can do (its flags, never its vendor), per task, and logged at start-up by the caller.
+
+Measured (benchmarks/README.md, "precision"): on the project's AMD EPYC (AVX2, no AVX-512/AMX) bf16
+matmuls ran ~3x slower than fp32; where AMX-BF16 exists bf16 should be faster (the issue's Intel Xeon
+numbers), but its accuracy on the shipped adapters is not measured yet, so `auto` stays fp32 on every CPU and
+bf16 is an opt-in. int8 (quantize.py) is never chosen by `auto` yet: it was not measurably
+faster here, it raised SmolLM2's loss far past the budget (activation outliers in the MLP), and its
+activations are quantized per call over the whole batch, so a row's result depends on its batch mates;
+`quantization=int8` opts in (VNNI/AMX-INT8 machines: unmeasured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype
+    quantization: str  # "none" | "int8"
+    reason: str  # why, for the start-up log
+
+    def __str__(self) -> str:
+        name = str(self.dtype).removeprefix("torch.")
+        return f"{name}" + (" with int8 block linears" if self.quantization == "int8" else "") + f" ({self.reason})"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), plus torch's own capability name
+    (`torch.backends.cpu.get_cpu_capability()`: "AVX2", "AVX512", ...) as a lower-case flag elsewhere."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags.update(line.partition(":")[2].split())
+                break
+    except OSError:
+        pass
+    flags.add(torch.backends.cpu.get_cpu_capability().lower())
+    return frozenset(flags)
+
+
+def choose(device: str, task: str, dtype: str = "auto", quantization: str = "auto",
+           flags: frozenset[str] | None = None) -> Precision:  # fmt: skip
+    """The precision one base is served in. An explicit `dtype` with `quantization=auto` means no int8
+    (so `dtype=float32` alone restores plain fp32); int8 computes in fp32 and runs on CPU only. `task` is
+    there so a base can be chosen for on its own; both tasks choose alike today."""
+    if quantization == "int8":
+        if device != "cpu":
+            raise ValueError("quantization=int8 is served on CPU only (torch's quantized linear has no CUDA kernel)")
+        if dtype not in ("auto", "float32"):
+            raise ValueError(f"quantization=int8 computes in float32; dtype={dtype} cannot go with it")
+        return Precision(torch.float32, "int8", "quantization=int8")
+    if quantization not in ("auto", "none"):
+        raise ValueError(f"quantization must be auto, none or int8, got {quantization!r}")
+    if dtype != "auto":
+        return Precision(DTYPES[dtype], "none", f"dtype={dtype}")
+    if device != "cpu":
+        return Precision(torch.bfloat16, "none", f"auto on {device}")
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:  # fast, but its accuracy table is not measured yet: an opt-in (dtype=bfloat16)
+        return Precision(torch.float32, "none", "auto: fp32 (AMX-BF16 present; dtype=bfloat16 opts in)")
+    return Precision(torch.float32, "none", "auto" + ("" if quantization == "auto" else ", quantization=none"))
