@@ -31,10 +31,11 @@ def _accuracy(name: str, precision: str, limit: int | None) -> float:
     engine = ClassifierEngine(model, tokenizer, None, num_slots=2, max_rank=64, dtype=dtype,
                               quantization=quantization)  # fmt: skip
     reg = Registry(ROOT / "registry")
-    engine.load_slot(1, read_adapter(reg.fetch(*reg.resolve(name)), engine.base_info))
+    weights = read_adapter(reg.fetch(*reg.resolve(name)), engine.base_info)
+    engine.load_slot(1, weights)
     rows = [json.loads(line) for line in (DATA / ADAPTERS[name] / "test.jsonl").read_text().splitlines()]
     rows = rows[:limit] if limit else rows
-    labels, right = engine.labels[1], 0
+    labels, right = weights.manifest.labels, 0
     with torch.inference_mode():
         for i in range(0, len(rows), 64):
             batch = rows[i : i + 64]

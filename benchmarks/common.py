@@ -8,7 +8,9 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -198,3 +200,12 @@ def encoder_base(work: Path | None = None) -> tuple[str, str]:
         torch.manual_seed(0)
         AutoModel.from_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
     return str(out), f"{src.name} shape, random init (seeded; {ENCODER_ENV}={src})"
+
+
+def stop_server(proc) -> None:
+    """SIGTERM a benchmark's `loraswap serve` process; kill it if it has not drained within a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -8,13 +8,12 @@ of the accepted ones.
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine_info, machine_markdown, percentile, set_threads
+from benchmarks.common import machine_info, machine_markdown, percentile, set_threads, stop_server
 from benchmarks.server import _free_port, _tail, _wait_ready
 
 BASE = "all-MiniLM-L6-v2"
@@ -104,11 +103,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
             except Exception as exc:
                 raise RuntimeError(f"overload run failed: {exc}; {_tail(log)}") from exc
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc)
             cases.append({"case": "bounded" if limit else "unbounded", "max_in_flight": limit,
                           "capacity_rps": capacity, "offered_rps": factor * capacity, **row})
     result["cases"] = cases

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, machine_markdown, median, percentile, set_threads
+from benchmarks.common import machine_info, machine_markdown, median, percentile, set_threads, stop_server
 
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "validation.jsonl"
@@ -201,11 +200,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
                 raise RuntimeError(f"{warm['errors']} of {n_adapters} warm-up requests failed; {_tail(log)}")
             cases = [asyncio.run(_load(url, texts, n_adapters, c, seconds)) for c in levels]
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     result["cases"] = [*cases, engine]
     result["server_over_engine"] = cases[-1]["throughput_rps"] / engine["seq_per_s"]
     return result, _markdown(result)

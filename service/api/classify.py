@@ -69,6 +69,14 @@ def check_limits(texts: list[str], settings, param: str = "inputs") -> None:
         check_text(text, f"{param}[{i}]")
 
 
+def encoder_engine(ctx, task: str) -> ClassifierEngine:
+    """The encoder engine serving `task` ("classification", "embedding"), or a 404 when none is configured."""
+    engine = ctx.engines.get(task)
+    if not isinstance(engine, ClassifierEngine):
+        raise APIError(404, f"this server has no encoder base model for {task}", code="task_unavailable")
+    return engine
+
+
 async def submit_rows(request: Request, engine: ClassifierEngine, rows: list, lease: Lease, name: str, task: str,
                       *, embed: bool = False) -> list[torch.Tensor]:
     """Rows (texts or token ids) of one request of an encoder endpoint through the engine's batcher: its queue
@@ -91,9 +99,7 @@ async def submit_rows(request: Request, engine: ClassifierEngine, rows: list, le
 @router.post("/v1/classify", response_model=ClassifyResponse)
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     ctx = request.app.state.ctx
-    engine = ctx.engines.get("classification")
-    if not isinstance(engine, ClassifierEngine):
-        raise APIError(404, "this server has no classification base model", code="task_unavailable")
+    engine = encoder_engine(ctx, "classification")
     auth.check_adapter(request, body.adapter)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     check_limits(texts, ctx.settings)

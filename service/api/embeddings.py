@@ -16,9 +16,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from service import auth
-from service.api.classify import check_limits, submit_rows
+from service.api.classify import check_limits, encoder_engine, submit_rows
 from service.api.inputs import Ref, Short
-from service.engine.classifier import ClassifierEngine
 from service.errors import APIError
 
 router = APIRouter(tags=["embeddings"])
@@ -79,9 +78,7 @@ def _encode(vector: torch.Tensor, body: EmbeddingRequest) -> list[float] | str:
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     ctx = request.app.state.ctx
-    engine = ctx.engines.get("embedding")
-    if not isinstance(engine, ClassifierEngine):
-        raise APIError(404, "this server has no encoder base model", code="task_unavailable")
+    engine = encoder_engine(ctx, "embedding")
     auth.check_adapter(request, body.model, param="model")
     size = engine.model.config.hidden_size * len(engine.pooling.modes)
     if body.dimensions is not None and body.dimensions > size:

@@ -18,14 +18,21 @@ from service.engine.lora import base_features
 from service.engine.lora_model import matches_target
 
 
-def can_pack(module: nn.Module) -> bool:
-    """A plain fp32 CPU nn.Linear or Conv1D, on a torch whose oneDNN has the linear ops."""
+def plain_cpu_linear(module: nn.Module) -> bool:
+    """A plain (not yet wrapped or replaced) fp32 CPU nn.Linear or Conv1D: what the CPU fast paths take."""
     weight = getattr(module, "weight", None)
     return (
         type(module) in (nn.Linear, Conv1D)
         and isinstance(weight, Tensor)
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
+    )
+
+
+def can_pack(module: nn.Module) -> bool:
+    """A plain fp32 CPU nn.Linear or Conv1D, on a torch whose oneDNN has the linear ops."""
+    return (
+        plain_cpu_linear(module)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")

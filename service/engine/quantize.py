@@ -23,18 +23,12 @@ from transformers.pytorch_utils import Conv1D
 
 from service.engine.lora import base_features
 from service.engine.lora_model import matches_target
+from service.engine.packed_linear import plain_cpu_linear
 
 
 def can_quantize(module: nn.Module) -> bool:
     """A plain fp32 CPU nn.Linear or Conv1D, on a torch with a quantized CPU engine."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module) in (nn.Linear, Conv1D)
-        and isinstance(weight, Tensor)
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.quantized.engine != "none"
-    )
+    return plain_cpu_linear(module) and torch.backends.quantized.engine != "none"
 
 
 class Int8Linear(nn.Module):

@@ -15,6 +15,7 @@ from live import live_server
 from peft import PeftModel
 
 from adapters.bases import load_base
+from adapters.manifest import Manifest
 
 LORASWAP = str(Path(sys.executable).with_name("loraswap"))
 TEXTS = ["I loved this film", "a dull, boring mess", "great movie"]
@@ -61,7 +62,12 @@ def test_served_answer_equals_peft(trained):
 
 
 def _peft_probs(folder: Path) -> torch.Tensor:
+    """PEFT's probabilities with the temperature training fitted and the manifest carries (served scores are
+    calibrated: softmax(logits / T))."""
     base, tokenizer = load_base("all-MiniLM-L6-v2", "classification")
     model = PeftModel.from_pretrained(base, folder).eval()
+    calibration = Manifest.load(folder).calibration
+    assert calibration is not None  # a classification run always fits one
     with torch.no_grad():
-        return torch.stack([torch.softmax(model(**tokenizer(t, return_tensors="pt")).logits[0], -1) for t in TEXTS])
+        return torch.stack([torch.softmax(model(**tokenizer(t, return_tensors="pt")).logits[0] / calibration.temperature, -1)
+                            for t in TEXTS])

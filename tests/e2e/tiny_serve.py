@@ -11,27 +11,29 @@ from __future__ import annotations
 import sys
 import time
 
-import service.context
+import service.app
 from adapters.cli import main
 
 
 def _slowed(build, step_seconds: float):
-    def build_generator(settings):
-        engine = build(settings)
-        run = engine.runner.run
+    def build_engines(settings, *args, **kwargs):
+        engines = build(settings, *args, **kwargs)
+        for engine in engines:
+            if "generation" in engine.tasks:
+                run = engine.runner.run
 
-        def slow_run(seqs, is_prefill):
-            time.sleep(step_seconds)
-            return run(seqs, is_prefill)
+                def slow_run(seqs, is_prefill, run=run):
+                    time.sleep(step_seconds)
+                    return run(seqs, is_prefill)
 
-        engine.runner.run = slow_run
-        engine.scheduler.eos_token_ids = frozenset()
-        return engine
+                engine.runner.run = slow_run
+                engine.scheduler.eos_token_ids = frozenset()
+        return engines
 
-    return build_generator
+    return build_engines
 
 
 if __name__ == "__main__":
     step = float(sys.argv[1])
-    service.context._build_generator = _slowed(service.context._build_generator, step)
+    service.app.build_engines = _slowed(service.app.build_engines, step)
     sys.exit(main(sys.argv[2:]))
