@@ -1,8 +1,8 @@
 """overload suite: /v1/classify on a real `loraswap serve` (embedded MiniLM base, no adapter) at 4x what it
-sustains: open-loop arrivals at 4x the throughput a closed loop of 16 clients measured first. Run twice in
-one go: with the edge admission bound (`max_in_flight`) and without it (0: requests wait in the event loop
-until the batcher's queue refuses them, as before the bound). Reports the latency of the 429 answers and
-of the accepted ones.
+sustains: open-loop arrivals at 4x the throughput a closed loop of 16 clients measured first. Run three
+times in one go: with the shipped edge admission bound (`max_in_flight`'s default), with a tight one, and
+without it (0: requests wait in the event loop until the batcher's queue refuses them, as before the
+bound). Reports the latency of the 429 answers and of the accepted ones.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from benchmarks.common import machine_info, machine_markdown, percentile, set_threads, stop_server
 from benchmarks.server import _free_port, _tail, _wait_ready
+from service.config import Settings
 
 BASE = "all-MiniLM-L6-v2"
 TEXT = "the film was a pleasant surprise, with a clever script and warm performances"
@@ -87,12 +88,14 @@ async def _open_loop(url: str, rate: float, seconds: float) -> dict:
 def run(device: str, quick: bool) -> tuple[dict, str]:
     set_threads(device, quick)
     seconds, bound, factor = (2.0, 16, 4) if quick else (15.0, 32, 4)
+    default = Settings.model_fields["max_in_flight"].default
     result = {"suite": "overload", "quick": quick, "machine": machine_info(device),
               "setup": {"model": f"{BASE} (embedded), base model, one text per request", "dtype": "float32",
-                        "seconds": seconds, "overload_factor": factor, "max_in_flight": bound}}  # fmt: skip
+                        "seconds": seconds, "overload_factor": factor, "max_in_flight": bound,
+                        "default_max_in_flight": default}}  # fmt: skip
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
-        for limit in (bound, 0):
+        for case, limit in (("default", default), ("bounded", bound), ("unbounded", 0)):
             log = Path(tmp) / f"serve-{limit}.log"
             proc, url = _start(Path(tmp), limit, log)
             try:
@@ -104,7 +107,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
                 raise RuntimeError(f"overload run failed: {exc}; {_tail(log)}") from exc
             finally:
                 stop_server(proc)
-            cases.append({"case": "bounded" if limit else "unbounded", "max_in_flight": limit,
+            cases.append({"case": case, "max_in_flight": limit,
                           "capacity_rps": capacity, "offered_rps": factor * capacity, **row})
     result["cases"] = cases
     return result, _markdown(result)
@@ -119,8 +122,9 @@ def _markdown(r: dict) -> str:
     lines = [f"# overload benchmark ({'quick' if r['quick'] else 'full'})", "",
              machine_markdown(r["machine"], s["dtype"]),
              f"- {s['model']}; capacity = a closed loop of 16 clients for {s['seconds']:g} s, then open-loop"
-             f" arrivals at {s['overload_factor']}x that for {s['seconds']:g} s; bounded = `max_in_flight`"
-             f" {s['max_in_flight']}, unbounded = 0 (the batcher's queue refuses, as before the bound)", "",
+             f" arrivals at {s['overload_factor']}x that for {s['seconds']:g} s; default = `max_in_flight`"
+             f" {s['default_max_in_flight']} (shipped), bounded = {s['max_in_flight']}, unbounded = 0 (the"
+             " batcher's queue refuses, as before the bound)", "",
              "| case | capacity rps | offered rps | sent | ok | 429 | other | ok p50 ms | ok p99 ms |"
              " 429 p50 ms | 429 p99 ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 
@@ -38,10 +39,16 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
         engines = await asyncio.to_thread(build_engines, settings, classifier, generator)
         await ctx.start(engines, registry)
         await _warm_routes(app)
+        # What start-up made (models, tokenizers, libraries: millions of objects) lives as long as the server:
+        # frozen, a full collection no longer walks it. Unfrozen, that walk stalled the event loop for
+        # 200-400 ms at a time under load, the p99 of a 429 (benchmarks/overload.py: 221 -> 10-28 ms).
+        gc.collect()
+        gc.freeze()
         log.info("ready: tasks=%s registry=%s", sorted(ctx.engines), settings.registry)
         try:
             yield
         finally:
+            gc.unfreeze()  # the engines go now: let their cycles be collected (tests start many apps)
             await ctx.stop()
 
     app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan,

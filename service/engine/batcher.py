@@ -39,15 +39,11 @@ class _Request:
     sparse: bool = False  # nothing else arrived within max_wait before it: do not wait for company
     on_start: Callable[[float], None] | None = None  # told the queue wait when its first row runs
     embed: bool = False  # its rows want pooled embeddings, not logits (same batches, same slots)
+    tokens_left: int = 0  # tokens of rows whose results are not back yet (counted in the tenant's total)
 
     @property
     def started(self) -> bool:
         return self.next_row > 0
-
-    @property
-    def outstanding_tokens(self) -> int:
-        """Tokens of rows whose logits are not back yet (queued or in a running batch)."""
-        return sum(len(row) for row, out in zip(self.rows, self.results, strict=True) if out is None)
 
 
 class ClassifyBatcher:
@@ -76,6 +72,9 @@ class ClassifyBatcher:
         # Padded tokens of a batch while several tenants wait: a batch cannot be interrupted, so its length
         # is what a newcomer may wait (benchmarks/fairness.py measures it).
         self.shared_batch_tokens = min(shared_batch_tokens, max_batch_tokens)
+        # Tokens each tenant has queued or running, kept as requests come and go: summing them per submit was
+        # quadratic in the queue and stalled the event loop under overload (benchmarks/overload.py).
+        self._tenant_tokens: dict[str | None, int] = {}
         self._deficit: dict[str | None, int] = {}  # deficit round robin: tokens each tenant may still send
         self._turn: deque[str | None] = deque()  # tenants in round-robin order; the next one first
         self.on_batch = on_batch
@@ -118,6 +117,7 @@ class ClassifyBatcher:
                 request.future.set_exception(RuntimeError("classify batcher stopped"))
         self._pending.clear()
         self._running.clear()
+        self._tenant_tokens.clear()
         self._model_thread.shutdown(wait=True)
         self._token_thread.shutdown(wait=True)
 
@@ -143,11 +143,13 @@ class ClassifyBatcher:
         finally:
             self._tokenizing -= 1
         request = _Request(rows=rows, slot=slot, future=loop.create_future(), results=[None] * len(rows),
-                           tenant=tenant, on_start=on_start, arrived=arrived, embed=embed)
-        queued = sum(r.outstanding_tokens for r in {*self._pending, *self._running} if r.tenant == tenant)
-        if queued and queued + request.outstanding_tokens > self.max_tenant_tokens:
+                           tenant=tenant, on_start=on_start, arrived=arrived, embed=embed,
+                           tokens_left=sum(map(len, rows)))
+        queued = self._tenant_tokens.get(tenant, 0)
+        if queued and queued + request.tokens_left > self.max_tenant_tokens:
             raise QueueFullError(f"this key already has {queued} tokens queued for classification"
                                  f" (limit {self.max_tenant_tokens}); retry when they are done")
+        self._tenant_tokens[tenant] = queued + request.tokens_left
         # Sparse traffic (the previous request came more than max_wait ago): waiting would most likely only
         # add latency, so the request runs at once. Bursts (arrivals closer than max_wait) still wait and
         # share batches, and requests that arrive while a batch runs are batched together anyway.
@@ -159,9 +161,7 @@ class ClassifyBatcher:
             return await request.future
         finally:
             if request.future.cancelled():  # the caller went away: drop its rows, stop counting it
-                self._running.discard(request)
-                if request in self._pending:
-                    self._pending.remove(request)
+                self._finish(request, None)
 
     # The loop ---------------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -304,13 +304,25 @@ class ClassifyBatcher:
                 continue
             request.results[i] = logits
             request.done_rows += 1
+            self._count_done(request, len(request.rows[i]))
             if request.done_rows == len(request.rows):
                 self._finish(request, None)
 
+    def _count_done(self, request: _Request, tokens: int) -> None:
+        """`tokens` of `request` no longer count against its tenant (results back, failed or cancelled)."""
+        request.tokens_left -= tokens
+        left = self._tenant_tokens.get(request.tenant, 0) - tokens
+        if left > 0:
+            self._tenant_tokens[request.tenant] = left
+        else:
+            self._tenant_tokens.pop(request.tenant, None)
+
     def _finish(self, request: _Request, exc: BaseException | None) -> None:
+        """Take `request` out of the queues and the tenant's count; resolve its future unless it is done."""
         self._running.discard(request)
         if request in self._pending:
             self._pending.remove(request)
+        self._count_done(request, request.tokens_left)
         if request.future.done():
             return
         if exc is None:

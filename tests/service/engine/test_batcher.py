@@ -230,6 +230,24 @@ async def test_a_tenant_s_outstanding_tokens_are_bounded() -> None:
     await batcher.stop()
 
 
+async def test_failed_and_cancelled_requests_give_their_tokens_back() -> None:
+    """The per-key count is kept as requests come and go: a failing batch and a caller that goes away
+    mid-request (some rows run, some queued) must both return what they held, or the key stays refused."""
+    engine = FakeEngine(delay=0.1, fail_slot=9)
+    batcher = ClassifyBatcher(engine, max_batch_size=4, max_wait_ms=0, max_tenant_tokens=100)
+    await batcher.start()
+    with pytest.raises(RuntimeError, match="boom"):
+        await batcher.submit([_text(1, 10)] * 9, slot=9, tenant="a")  # 90 tokens, its first batch fails
+    cancelled = asyncio.create_task(batcher.submit([_text(2, 10)] * 9, slot=1, tenant="a"))
+    await asyncio.sleep(0.05)  # 4 rows in the running batch, 5 queued
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.sleep(0.1)  # the batch it was in finishes; its rows are dropped
+    assert len(await batcher.submit([_text(3, 10)] * 10, slot=1, tenant="a")) == 10  # all 100 tokens free
+    await batcher.stop()
+
+
 async def test_a_row_with_non_finite_scores_fails_its_own_request_only() -> None:
     class NanSlot(FakeEngine):
         def run(self, rows, slots):
