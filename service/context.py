@@ -165,21 +165,22 @@ def build_engines(s: Settings, classifier: Engine | None = None, generator: Engi
     from service.engine.generator import GeneratorEngine
 
     device = s.resolved_device()
+
+    def load(task: str, base: str):
+        precision = s.resolved_precision(task)
+        model, tokenizer = load_base(base, task, dtype=precision.dtype, device=device)
+        log.info("%s base %s loaded on %s, %s", task, base, device, precision)
+        return model, tokenizer, describe_base(model, base, task), precision
+
     engines = [e for e in (classifier, generator) if e is not None]
     if classifier is None and s.encoder_base:
-        precision = s.resolved_precision("classification")
-        model, tokenizer = load_base(s.encoder_base, "classification", dtype=precision.dtype, device=device)
-        info = describe_base(model, s.encoder_base, "classification")
-        log.info("encoder base %s loaded on %s, %s", s.encoder_base, device, precision)
+        model, tokenizer, info, precision = load("classification", s.encoder_base)
         engines.append(ClassifierEngine(model, tokenizer, info, num_slots=s.max_gpu_adapters + 1,
                                         max_rank=s.max_rank, device=device, dtype=precision.dtype,
                                         max_length=s.max_length, quantization=precision.quantization,
                                         pooling=read_pooling(local_base(s.encoder_base))))  # the base's own
     if generator is None and s.decoder_base:
-        precision = s.resolved_precision("generation")
-        model, tokenizer = load_base(s.decoder_base, "generation", dtype=precision.dtype, device=device)
-        info = describe_base(model, s.decoder_base, "generation")
-        log.info("decoder base %s loaded on %s, %s", s.decoder_base, device, precision)
+        model, tokenizer, info, precision = load("generation", s.decoder_base)
         engines.append(GeneratorEngine(model, tokenizer, info, num_slots=s.max_gpu_adapters + 1,
                                        max_rank=s.max_rank, max_num_seqs=s.max_num_seqs,
                                        max_model_len=s.max_model_len, device=device, dtype=precision.dtype,
