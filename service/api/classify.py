@@ -56,12 +56,17 @@ class ClassifyResponse(BaseModel):
     usage: ClassifyUsage
 
 
+def check_count(n: int, settings, param: str) -> None:
+    """413 past `max_inputs` texts or token arrays in one request."""
+    if n > settings.max_inputs:
+        raise APIError(413, f"too many inputs: {n} > {settings.max_inputs}", param=param)
+
+
 def check_limits(texts: list[str], settings, param: str = "inputs") -> None:
     """The input limits of every encoder endpoint (/v1/classify, /v1/embeddings)."""
     if not texts:
         raise APIError(400, f"{param} must not be empty", param=param)
-    if len(texts) > settings.max_inputs:
-        raise APIError(413, f"too many inputs: {len(texts)} > {settings.max_inputs}", param=param)
+    check_count(len(texts), settings, param)
     for i, text in enumerate(texts):
         if len(text) > settings.max_input_chars:
             raise APIError(413, f"{param}[{i}] has {len(text)} characters > {settings.max_input_chars}",

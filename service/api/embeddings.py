@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from service import auth
-from service.api.classify import check_limits, encoder_engine, submit_rows
+from service.api.classify import check_count, check_limits, encoder_engine, submit_rows
 from service.api.inputs import Ref, Short
 from service.errors import APIError
 
@@ -58,8 +58,7 @@ def _token_rows(body: EmbeddingRequest, vocab: int, settings) -> list[list[int]]
     if not isinstance(given, list) or not given or isinstance(given[0], str):
         return None
     rows = [given] if isinstance(given[0], int) else given
-    if len(rows) > settings.max_inputs:
-        raise APIError(413, f"too many inputs: {len(rows)} > {settings.max_inputs}", param="input")
+    check_count(len(rows), settings, "input")
     for i, row in enumerate(rows):
         if not row:
             raise APIError(400, f"input[{i}] is an empty token array", param="input")
