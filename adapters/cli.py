@@ -130,7 +130,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(snapshot, indent=2))
         return 0
     for name, info in snapshot.items():
-        aliases = " ".join(f"{a}={v}" for a, v in sorted(info["aliases"].items()))
+        weights = info["weights"]
+        aliases = " ".join(f"{a}={v}" + (f"(weight {weights[a]:g})" if a in weights else "")
+                           for a, v in sorted(info["aliases"].items()))
         versions = ",".join(str(v) for v in info["versions"])
         print(f"{name}\tversions={versions}" + (f"\taliases: {aliases}" if aliases else ""))
     return 0
@@ -215,10 +217,27 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
+    from adapters import promotion
+
+    gate = promotion.Gate(args.min_requests, args.require_agreement, args.require_cosine)
+    gated = gate != promotion.Gate()
+    if gated and not args.server:
+        raise LoraswapError("--min-requests/--require-agreement/--require-cosine read a server's shadow summary:"
+                            " give --server URL")
     registry = _open_registry(args)
     name, version = registry.resolve(args.ref)
-    registry.set_alias(name, args.alias, version)
-    print(f"{name}@{args.alias} -> {version}")
+    if args.server:
+        summary = promotion.fetch_summary(args.server, name, args.api_key)
+        print(promotion.check(summary, version, gate))
+    registry.set_alias(name, args.alias, version, args.weight)
+    print(f"{name}@{args.alias} -> {version}" + ("" if args.weight is None else f" (weight {args.weight:g})"))
+    return 0
+
+
+def _cmd_unalias(args: argparse.Namespace) -> int:
+    registry = _open_registry(args)
+    registry.remove_alias(args.name, args.alias)
+    print(f"removed {args.name}@{args.alias}")
     return 0
 
 
@@ -242,7 +261,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 
 
 def register_adapter_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `loraswap adapter list|inspect|validate|import|publish|promote|rm`."""
+    """Add `loraswap adapter list|inspect|validate|import|publish|promote|unalias|rm`."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--registry",
@@ -292,10 +311,26 @@ def register_adapter_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, help="version number (default: next)")
     p.set_defaults(func=_cmd_publish)
 
-    p = commands.add_parser("promote", parents=[common], help="point an alias at a version")
+    p = commands.add_parser(
+        "promote", parents=[common],
+        help="point an alias at a version; with --server, only if its shadow comparison there passes the gate",
+    )
     p.add_argument("ref", metavar="NAME@V")
     p.add_argument("--alias", default="stable", help="alias to move (default: stable)")
+    p.add_argument("--weight", type=float, help="make the alias a canary taking this share (0-1) of NAME's"
+                   " requests, sticky per caller; on the shadow alias: the share of requests copied")
+    p.add_argument("--server", metavar="URL", help="a server that shadows NAME@V: read GET /v1/adapters/NAME/shadow")
+    p.add_argument("--api-key", default=os.environ.get("LORASWAP_API_KEY"),
+                   help="key for --server (default: $LORASWAP_API_KEY)")
+    p.add_argument("--min-requests", type=int, default=0, help="shadowed requests needed (default 0)")
+    p.add_argument("--require-agreement", type=float, help="classification: least share of same top labels")
+    p.add_argument("--require-cosine", type=float, help="embeddings: least mean cosine to the served vectors")
     p.set_defaults(func=_cmd_promote)
+
+    p = commands.add_parser("unalias", parents=[common], help="remove an alias (a canary's traffic returns)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--alias", required=True)
+    p.set_defaults(func=_cmd_unalias)
 
     p = commands.add_parser("rm", parents=[common], help="delete a version (or, with --all, an adapter)")
     p.add_argument("ref", metavar="NAME@V")

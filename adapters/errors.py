@@ -56,6 +56,13 @@ class AdapterConflictError(LoraswapError):
     code = "adapter_conflict"
 
 
+class PromotionRefused(LoraswapError):
+    """A promotion gate is not met: the version's shadow comparison falls short, or there is none."""
+
+    status = 409
+    code = "promotion_refused"
+
+
 class OverloadedError(LoraswapError):
     """Too much work queued (server, engine or one API key): answered 429 with Retry-After."""
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,37 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from adapters.bases import cache_dir as loraswap_cache_dir
-from adapters.errors import AdapterConflictError, AdapterNotFoundError, LoraswapError, RegistryError
+from adapters.errors import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    InvalidInputError,
+    LoraswapError,
+    RegistryError,
+)
 from adapters.format import validate_adapter
 from adapters.manifest import MANIFEST_FILE, Manifest
 from adapters.ref import AdapterRef, validate_alias, validate_name
 
 ALIASES_FILE = "aliases.json"
 TMP_PREFIX = ".tmp-"
+SHADOW = "shadow"  # the alias whose version gets a copy of the traffic and never answers
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """How requests for a plain `name` are shared out. Each weighted alias (a canary) takes its weight's share,
+    in alias order; the rest goes to what `name` resolves to. `shadow`: (version, share of requests copied)."""
+
+    canaries: tuple[tuple[int, float], ...] = ()
+    shadow: tuple[int, float] | None = None
+
+
+def traffic_in(aliases: dict[str, int], weights: dict[str, float]) -> Traffic:
+    """The Traffic of one name's listing (`aliases`: alias -> version, `weights`: the weighted ones)."""
+    canaries = tuple((aliases[a], w) for a, w in sorted(weights.items()) if a != SHADOW and w > 0)
+    shadow = (aliases[SHADOW], weights.get(SHADOW, 1.0)) if SHADOW in aliases else None
+    return Traffic(canaries, shadow)
 
 
 def resolve_in(ref: AdapterRef, versions: list[int], aliases: dict[str, int]) -> tuple[str, int]:
@@ -103,7 +128,9 @@ class Registry:
     def versions(self, name: str) -> list[int]:
         return self._listing(validate_name(name)).get(name, [])
 
-    def aliases(self, name: str) -> dict[str, int]:
+    def _alias_entries(self, name: str) -> dict[str, tuple[int, float | None]]:
+        """alias -> (version, weight or None). The file maps an alias to a version, or to
+        `{"version": v, "weight": w}` for a weighted one."""
         path = self._path(validate_name(name), ALIASES_FILE)
         try:
             data = self.fs.cat_file(path)
@@ -112,10 +139,32 @@ class Registry:
         except OSError as exc:
             raise RegistryError(f"registry I/O failed while reading aliases of {name}: {exc}") from exc
         try:
-            aliases = json.loads(data)
-            return {str(k): int(v) for k, v in aliases.items()}
-        except (ValueError, AttributeError, TypeError) as exc:
+            out = {}
+            for alias, entry in json.loads(data).items():
+                if isinstance(entry, dict):
+                    weight = entry.get("weight")
+                    out[str(alias)] = (int(entry["version"]), None if weight is None else float(weight))
+                else:
+                    out[str(alias)] = (int(entry), None)
+            return out
+        except (ValueError, AttributeError, TypeError, KeyError) as exc:
             raise RegistryError(f"{path}: invalid aliases file ({exc})") from None
+
+    def aliases(self, name: str) -> dict[str, int]:
+        return {alias: version for alias, (version, _) in self._alias_entries(name).items()}
+
+    def weights(self, name: str) -> dict[str, float]:
+        """The weighted aliases of `name` and their weights (see Traffic)."""
+        return {alias: w for alias, (_, w) in self._alias_entries(name).items() if w is not None}
+
+    def listing(self, name: str) -> dict:
+        """`{"versions", "aliases", "weights"}` of one name (a snapshot entry)."""
+        return self._entry(name, self.versions(name))
+
+    def _entry(self, name: str, versions: list[int]) -> dict:
+        entries = self._alias_entries(name)
+        return {"versions": versions, "aliases": {a: v for a, (v, _) in entries.items()},
+                "weights": {a: w for a, (_, w) in entries.items() if w is not None}}
 
     def resolve(self, ref: str | AdapterRef) -> tuple[str, int]:
         """(name, version) that `ref` names now (`resolve_in`'s rule)."""
@@ -159,8 +208,8 @@ class Registry:
         return target
 
     def snapshot(self) -> dict[str, dict]:
-        """`{name: {"versions": [...], "aliases": {...}}}`: one listing of everything, for a server's watch."""
-        return {name: {"versions": vs, "aliases": self.aliases(name)} for name, vs in self._listing().items()}
+        """`{name: {"versions", "aliases", "weights"}}`: one listing of everything, for a server's watch."""
+        return {name: self._entry(name, versions) for name, versions in self._listing().items()}
 
     # ---- writing ----
 
@@ -231,8 +280,9 @@ class Registry:
         except OSError as exc:
             log.warning("could not remove %s: %s", path, exc)
 
-    def _write_aliases(self, name: str, aliases: dict[str, int]) -> None:
-        data = (json.dumps(dict(sorted(aliases.items())), indent=2) + "\n").encode()
+    def _write_aliases(self, name: str, entries: dict[str, tuple[int, float | None]]) -> None:
+        plain = {a: v if w is None else {"version": v, "weight": w} for a, (v, w) in sorted(entries.items())}
+        data = (json.dumps(plain, indent=2) + "\n").encode()
         path = self._path(name, ALIASES_FILE)
         with _io(f"writing aliases of {name}"):
             if self.local:
@@ -242,22 +292,34 @@ class Registry:
             else:
                 self.fs.pipe_file(path, data)
 
-    def set_alias(self, name: str, alias: str, version: int) -> None:
+    def set_alias(self, name: str, alias: str, version: int, weight: float | None = None) -> None:
+        """Point `alias` at `version`; `weight` makes it a canary taking that share of the plain name's
+        requests (for `shadow`: the share copied). `stable` takes no weight: it gets what canaries leave."""
         validate_alias(alias)
         if int(version) not in self.versions(name):
             raise AdapterNotFoundError(
                 f"cannot point {name}@{alias} at version {version}: {name}@{version} does not exist"
             )
-        aliases = self.aliases(name)
-        aliases[alias] = int(version)
-        self._write_aliases(name, aliases)
+        entries = self._alias_entries(name)
+        if weight is not None:
+            weight = float(weight)
+            if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
+                raise InvalidInputError(f"alias weight must be between 0 and 1, got {weight}")
+            if alias == "stable":
+                raise InvalidInputError("the stable alias takes no weight: it serves what canaries leave")
+            if alias != SHADOW:
+                total = weight + sum(w or 0.0 for a, (_, w) in entries.items() if a not in (alias, SHADOW))
+                if total > 1.0 + 1e-9:
+                    raise InvalidInputError(f"canary weights of {name} would add up to {total:g} > 1")
+        entries[alias] = (int(version), weight)
+        self._write_aliases(name, entries)
 
     def remove_alias(self, name: str, alias: str) -> None:
-        aliases = self.aliases(name)
-        if alias not in aliases:
+        entries = self._alias_entries(name)
+        if alias not in entries:
             raise AdapterNotFoundError(f"adapter {name!r} has no alias {alias!r}")
-        del aliases[alias]
-        self._write_aliases(name, aliases)
+        del entries[alias]
+        self._write_aliases(name, entries)
 
     def delete(self, name: str, version: int | None = None) -> None:
         """Delete one version (refused while an alias points at it) or, with no version, the whole adapter."""

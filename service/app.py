@@ -23,6 +23,8 @@ from service.errors import COMMON_ERRORS, error_response, error_responses, insta
 from service.limits import AdmissionMiddleware, KeyConcurrency
 from service.request_log import install_request_logging
 
+VERSION_HEADER = b"x-loraswap-adapter-version"
+
 log = logging.getLogger("loraswap.server")
 
 
@@ -120,7 +122,8 @@ class RequestMetrics:
     """Counts every request that named an adapter (handlers put it in `request.state.log_fields`),
     whatever its outcome, so 4xx/5xx answers are in `loraswap_requests_total` too. The `adapter` label is
     the name the ref resolved to (`resolved_adapter`, set once the key was allowed and the ref found);
-    unknown or refused refs all count under `_other_`, so no client can mint label values."""
+    unknown or refused refs all count under `_other_`, so no client can mint label values. The adapter
+    version that answered (a canary split decides it per request) goes out as X-Loraswap-Adapter-Version."""
 
     def __init__(self, app, ctx: ServiceContext):
         self.app, self.ctx = app, ctx
@@ -133,6 +136,10 @@ class RequestMetrics:
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                version = (scope.get("state", {}).get("log_fields") or {}).get("version")
+                if version is not None:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (VERSION_HEADER, str(version).encode())]}
             await send(message)
 
         try:

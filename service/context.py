@@ -24,6 +24,7 @@ from service.errors import APIError
 from service.host_cache import HostCache
 from service.metrics import Metrics
 from service.router import AdapterRouter, Lease, Residency
+from service.shadow import ShadowTraffic
 from service.slot_pool import Resident
 
 log = logging.getLogger("loraswap.server")
@@ -42,6 +43,7 @@ class ServiceContext:
     ready: bool = False
     draining: bool = False
     in_flight: int = 0
+    shadows: ShadowTraffic = field(default_factory=ShadowTraffic)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     def base_id(self, task: str) -> str | None:
@@ -53,6 +55,7 @@ class ServiceContext:
         self.registry = registry or Registry(s.registry)
         self.metrics = Metrics(max_adapter_labels=s.metrics.max_adapter_labels,
                                always_labelled=[b for b in (s.encoder_base, s.decoder_base) if b])
+        self.shadows = ShadowTraffic(self.metrics)
         for engine in engines:
             await engine.start(s, on_step=self._step_observer(min(engine.tasks)))
             router = self._router(engine)
@@ -81,14 +84,18 @@ class ServiceContext:
 
     # ---- requests -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def lease(self, task: str, model: str) -> AsyncIterator[Lease]:
+    async def lease(self, task: str, model: str, route_key: str | None = None) -> AsyncIterator[Lease]:
         """The slot to run `model` (an adapter ref of `task`, or the base's id) on, held until the block
-        ends: `lease.slot`, `lease.name` (None for the base), `lease.version`, `lease.labels`."""
+        ends: `lease.slot`, `lease.name` (None for the base), `lease.version`, `lease.labels`. `route_key`
+        keeps one caller on one version while a canary takes a share of the name's traffic."""
+        async with self.router(task).lease(model, task, route_key) as lease:
+            yield lease
+
+    def router(self, task: str) -> AdapterRouter:
         router = self.routers.get(task)
         if router is None:
             raise APIError(404, f"this server has no {task} base model", code="task_unavailable")
-        async with router.lease(model, task) as lease:
-            yield lease
+        return router
 
     # ---- management -----------------------------------------------------------------------------
     async def load(self, ref: str | None = None, path: str | None = None) -> tuple[str, Resident]:

@@ -44,6 +44,9 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 ADAPTER_LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DISTINCT_ADAPTER_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Shadow comparisons: total variation and cosine live in [0, 1] (near 0 and near 1 when versions agree).
+DIVERGENCE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
+SHADOW_LABELS = ("adapter", "primary", "shadow")
 
 # Every family name as it appears in the text exposition and in PromQL (histograms by their
 # base name: query them as <name>_bucket / _sum / _count).
@@ -62,6 +65,10 @@ METRIC_NAMES: tuple[str, ...] = (
     "loraswap_batch_distinct_adapters",
     "loraswap_engine_running_requests",
     "loraswap_engine_waiting_requests",
+    "loraswap_shadow_requests_total",
+    "loraswap_shadow_rows_total",
+    "loraswap_shadow_divergence",
+    "loraswap_shadow_duration_seconds",
     "vllm:num_requests_running",
     "vllm:num_requests_waiting",
     "vllm:kv_cache_usage_perc",
@@ -240,6 +247,31 @@ class Metrics:
             "engine_waiting_requests", "Requests queued for the engine.", ("task",), "livesum"
         )
 
+        self.shadow_requests = counter(
+            "shadow_requests",
+            "Requests copied to an adapter's shadow version, by result (ok, or why the copy was dropped).",
+            (*SHADOW_LABELS, "result"),
+        )
+        self.shadow_rows = counter(
+            "shadow_rows",
+            "Inputs compared between primary and shadow version: outcome agree/disagree (top label, "
+            "classification) or compared (embeddings).",
+            (*SHADOW_LABELS, "outcome"),
+        )
+        self.shadow_divergence = histogram(
+            "shadow_divergence",
+            "Per input, primary vs shadow: measure=tv (total variation of scores), kl (KL(primary||shadow)),"
+            " cosine (embeddings).",
+            (*SHADOW_LABELS, "measure"),
+            DIVERGENCE_BUCKETS,
+        )
+        self.shadow_duration = histogram(
+            "shadow_duration_seconds",
+            "Time a shadow copy took (queue + compute), to set beside the primary's request duration.",
+            ("adapter",),
+            REQUEST_BUCKETS,
+        )
+
         # vLLM-compatible gauges, read by the Gateway API Inference Extension's endpoint picker.
         # They are unlabelled (one series, like a vLLM replica) and aggregate over the tasks.
         self.vllm_running = gauge(
@@ -333,6 +365,27 @@ class Metrics:
 
     def count_eviction(self, adapter: str) -> None:
         self.adapter_evictions.labels(self.adapter_label(adapter)).inc()
+
+    # -- shadow traffic ----------------------------------------------------------------------
+
+    def observe_shadow(self, adapter: str, primary: int, shadow: int, task: str, seconds: float, rows: int,
+                       agreements: int, measures: dict[str, list[float]]) -> None:
+        """One compared shadow copy of `rows` inputs (service/shadow.py)."""
+        labels = (self.adapter_label(adapter), str(primary), str(shadow))
+        self.shadow_requests.labels(*labels, "ok").inc()
+        if task == "classification":
+            self.shadow_rows.labels(*labels, "agree").inc(agreements)
+            self.shadow_rows.labels(*labels, "disagree").inc(rows - agreements)
+        else:
+            self.shadow_rows.labels(*labels, "compared").inc(rows)
+        for measure, observed in measures.items():
+            child = self.shadow_divergence.labels(*labels, measure)
+            for value in observed:
+                child.observe(value)
+        self.shadow_duration.labels(labels[0]).observe(max(0.0, seconds))
+
+    def count_shadow_drop(self, adapter: str, primary: int, shadow: int, reason: str) -> None:
+        self.shadow_requests.labels(self.adapter_label(adapter), str(primary), str(shadow), reason).inc()
 
     def set_resident(self, tier: str, n: int) -> None:
         self.adapters_resident.labels(tier).set(n)

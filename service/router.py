@@ -13,13 +13,20 @@ Every `await` may see the state changed, so:
   before their first await and act only if no newer operation on that name started since;
 - an unloaded name is refused at once; a load that finishes after the unload frees its slot again;
 - releasing a lease is synchronous; loads waiting for a slot are woken by resolving their futures.
+
+Rollout: requests for a plain `name` are shared between what it resolves to and its weighted aliases
+(canaries, `Traffic`): by a hash of the caller's route key when there is one (one caller sees one version,
+and raising a weight only moves callers onto the canary), else at random. A `shadow` alias marks the lease;
+the endpoint then sends the same rows to the shadow version (service/shadow.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +43,7 @@ from adapters.errors import (
 from adapters.format import AdapterWeights, read_adapter
 from adapters.manifest import Manifest
 from adapters.ref import AdapterRef
-from adapters.registry import Registry, resolve_in
+from adapters.registry import Registry, Traffic, resolve_in, traffic_in
 from service.engine.protocol import Engine
 from service.host_cache import HostCache
 from service.metrics import Metrics
@@ -56,6 +63,7 @@ class Lease:
     _release: Callable[[], None] | None = None
     temperature: float = 1.0  # the manifest's calibration (classification); 1.0 / 0.0 when it has none
     min_score: float = 0.0
+    shadow: Key | None = None  # a version that gets a copy of this request (the name's shadow alias)
 
     def release(self) -> None:
         if self._release is not None:
@@ -93,6 +101,14 @@ def _parse(ref: str) -> AdapterRef:
         raise AdapterNotFoundError(f"adapter {ref!r} not found ({exc})") from exc
 
 
+def route_position(name: str, route_key: str | None) -> float:
+    """Where a request falls in [0, 1) for the canary split: fixed per (name, route key), else random."""
+    if route_key is None:
+        return random.random()
+    digest = hashlib.blake2b(f"{name}\0{route_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def _other_task(key: Key, found: str, task: str) -> AdapterConflictError:
     return AdapterConflictError(f"adapter {key[0]}@{key[1]} is a {found} adapter; this endpoint serves {task} adapters")
 
@@ -114,6 +130,7 @@ class AdapterRouter:
         self._loading: dict[Key, asyncio.Task] = {}
         self._seq: Counter[str] = Counter()  # per-name ticket of the newest load/unload/update
         self._failed: set[Key] = set()  # versions the watch could not load (not retried every poll)
+        self._traffic: dict[str, Traffic] = {}  # canaries and shadow of followed plain names
         self._requests: Counter[str] = Counter()  # per name, across versions and reloads
         self._slot_waiters: list[asyncio.Future] = []
         self._load_sem = asyncio.Semaphore(max_concurrent_loads)
@@ -121,21 +138,27 @@ class AdapterRouter:
 
     # ---- requests -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def lease(self, ref: str, task: str | None = None) -> AsyncIterator[Lease]:
-        lease = await self.acquire(ref, task)
+    async def lease(self, ref: str, task: str | None = None, route_key: str | None = None, *,
+                    traffic: bool = True) -> AsyncIterator[Lease]:
+        lease = await self.acquire(ref, task, route_key, traffic=traffic)
         try:
             yield lease
         finally:
             lease.release()
 
-    async def acquire(self, ref: str, task: str | None = None) -> Lease:
+    async def acquire(self, ref: str, task: str | None = None, route_key: str | None = None, *,
+                      traffic: bool = True) -> Lease:
         """A lease on what `ref` serves now, loading it on demand; `task` given, an adapter of another
-        task (the engine may serve several) is refused with 409."""
+        task (the engine may serve several) is refused with 409. A plain name is split between its version
+        and its canaries by `route_key` (see route_position). `traffic=False`: not counted as a request of
+        the name (shadow copies)."""
         if ref in self.base_ids:
             return Lease(slot=0, name=None, version=None, labels=self.base_labels)
         parsed = _parse(ref)
-        key = await self._key(parsed)
+        primary = await self._key(parsed)
         plain = parsed.version is None and parsed.alias is None
+        rollout = self._traffic.get(parsed.name) if plain else None
+        key = self._route(primary, rollout, route_key) if rollout else primary
         if task is not None and self.pool.get(key) is None:
             await self._refuse_other_task(key, task)
         missed = False
@@ -145,13 +168,26 @@ class AdapterRouter:
         if key[0] in self._disabled:
             raise AdapterNotFoundError(f"adapter {key[0]!r} is unloaded (load it again with POST /v1/adapters)")
         if plain and key[0] not in self._current:
-            self._current[key[0]] = key  # first on-demand use of a plain name: the watch follows it now
-            self.pool.unretire(key)
+            self._current[key[0]] = primary  # first on-demand use of a plain name: the watch follows it now
+            self.pool.unretire(primary)
         adapter_task = resident.weights.manifest.task
         if task is not None and adapter_task != task:
             raise _other_task(key, adapter_task, task)
         self.stats["misses" if missed else "hits"] += 1
-        return self._lease(resident)
+        lease = self._lease(resident, traffic=traffic)
+        if rollout and rollout.shadow and rollout.shadow[0] != key[1] and random.random() < rollout.shadow[1]:
+            lease.shadow = (key[0], rollout.shadow[0])
+        return lease
+
+    @staticmethod
+    def _route(primary: Key, rollout: Traffic, route_key: str | None) -> Key:
+        """The canary a request falls on (each takes its weight of [0, 1), in order), else `primary`."""
+        at = route_position(primary[0], route_key) if rollout.canaries else 1.0
+        for version, weight in rollout.canaries:
+            if at < weight:
+                return primary[0], version
+            at -= weight
+        return primary
 
     def _lease(self, resident: Resident, *, traffic: bool = True) -> Lease:
         self.pool.lease(resident, traffic=traffic)
@@ -182,11 +218,18 @@ class AdapterRouter:
             raise AdapterNotFoundError(f"adapter {ref.name!r} is unloaded (load it again with POST /v1/adapters)")
         if ref.version is not None and self.pool.get((ref.name, ref.version)) is not None:
             return ref.name, ref.version
-        if ref.version is None and ref.alias is None and ref.name in self._current:
+        plain = ref.version is None and ref.alias is None
+        if plain and ref.name in self._current:
             return self._current[ref.name]
         if not self.load_on_demand:
             raise AdapterNotFoundError(f"adapter {ref} is not loaded (on-demand loading is off)")
-        return await asyncio.to_thread(self.registry.resolve, ref)
+        if not plain:
+            return await asyncio.to_thread(self.registry.resolve, ref)
+        entry = await asyncio.to_thread(self.registry.listing, ref.name)  # first use: its rollout too
+        key = resolve_in(ref, entry["versions"], entry["aliases"])
+        if ref.name not in self._current:  # else a load (maybe pinned) decided meanwhile
+            self._traffic[ref.name] = traffic_in(entry["aliases"], entry["weights"])
+        return key
 
     # ---- loading -------------------------------------------------------------------------------
     async def _ensure_resident(self, key: Key) -> None:
@@ -335,6 +378,8 @@ class AdapterRouter:
                     self._follow[name] = AdapterRef(name, key[1], None)  # pinned: the watch leaves it
                 else:
                     self._follow[name] = follow
+                if path is not None or follow is None:
+                    self._traffic.pop(name, None)  # a pinned or folder-loaded name is not split
             return resident
         finally:
             lease.release()
@@ -350,6 +395,7 @@ class AdapterRouter:
         self._seq[name] += 1
         self._current.pop(name, None)
         self._follow.pop(name, None)
+        self._traffic.pop(name, None)
         self._disabled.add(name)
         for resident in [r for r in self.pool.residents() if r.name == name]:
             self.pool.retire(resident.key)
@@ -360,16 +406,18 @@ class AdapterRouter:
         self._on_residency_change()
 
     # ---- the registry watch ----------------------------------------------------------------------
-    def _targets(self, follow: dict[str, AdapterRef]) -> dict[str, Key]:
-        """Where each followed name points in the registry now (worker thread): one `snapshot` of the
-        whole registry instead of one `resolve` per name. A name deleted from the registry, or an alias
-        removed, keeps serving what it has."""
+    def _targets(self, follow: dict[str, AdapterRef]) -> dict[str, tuple[Key | None, Traffic]]:
+        """Where each followed name points in the registry now, and its rollout (worker thread): one
+        `snapshot` of the whole registry instead of one `resolve` per name. A name deleted from the registry,
+        or an alias removed, keeps serving what it has (None)."""
         snapshot = self.registry.snapshot()
         out = {}
         for name, ref in follow.items():
-            entry = snapshot.get(name, {"versions": [], "aliases": {}})
+            entry = snapshot.get(name, {"versions": [], "aliases": {}, "weights": {}})
+            key = None
             with contextlib.suppress(AdapterNotFoundError):
-                out[name] = resolve_in(ref, entry["versions"], entry["aliases"])
+                key = resolve_in(ref, entry["versions"], entry["aliases"])
+            out[name] = key, traffic_in(entry["aliases"], entry["weights"])
         return out
 
     async def refresh(self) -> list[Key]:
@@ -380,8 +428,11 @@ class AdapterRouter:
         if not follow:
             return []
         targets = await asyncio.to_thread(self._targets, follow)
-        updates = [new for name, new in targets.items()
-                   if self._current.get(name) not in (None, new) and new not in self._failed]
+        for name, (_, rollout) in targets.items():
+            if name in self._current:  # not unloaded meanwhile
+                self._traffic[name] = rollout
+        updates = [new for name, (new, _) in targets.items()
+                   if new is not None and self._current.get(name) not in (None, new) and new not in self._failed]
         done = await asyncio.gather(*(self._update(new) for new in updates))
         return [key for key in done if key is not None]
 

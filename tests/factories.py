@@ -87,6 +87,29 @@ def publish_cls_adapter(registry, base_dir: Path, work: Path, name: str, *, num_
     return model
 
 
+def publish_embedding_adapter(registry, base_dir: Path, work: Path, name: str, *, seed: int,
+                              version: int | None = None) -> PeftModel:
+    """A PEFT FEATURE_EXTRACTION adapter with random weights on the encoder, imported and published."""
+    from transformers import AutoModel
+
+    from adapters.bases import load_base
+    from adapters.fingerprint import describe_base
+    from adapters.format import import_peft_folder
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModel.from_pretrained(base_dir).eval(),
+                           LoraConfig(task_type="FEATURE_EXTRACTION", r=4, lora_alpha=8,
+                                      target_modules=["query", "value", "output.dense"])).eval()
+    randomize_adapter(model, 0.3)
+    folder = work / f"{name}-{seed}"
+    model.save_pretrained(folder)
+    base, _ = load_base(base_dir, "classification")
+    import_peft_folder(folder, name, str(base_dir), describe_base(base, str(base_dir), "classification"),
+                       version=version or 1)
+    registry.publish(folder, name=name, version=version)
+    return model
+
+
 def peft_logits(model: PeftModel, tokenizer, texts: list[str]) -> list[torch.Tensor]:
     """The oracle: each text alone through PEFT (no padding effects)."""
     out = []

@@ -1,5 +1,5 @@
-"""Adapter management (load, update, unload, aliases), the OpenAI model list, and vLLM's LoRA aliases.
-The JSON of every answer is built here, from the routers' `Residency` rows and the registry."""
+"""Adapter management (load, update, unload, aliases, shadow summaries), the OpenAI model list, and vLLM's
+LoRA aliases. The JSON of every answer is built here, from the routers' `Residency` rows and the registry."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
 
 from adapters.errors import AdapterNotFoundError
+from adapters.registry import SHADOW
 from service import auth
 from service.api.inputs import Ref
 from service.router import Residency
@@ -32,6 +33,9 @@ class LoadRequest(BaseModel):
 class AliasRequest(BaseModel):
     alias: Ref = Field(..., examples=["stable"])
     version: int = Field(..., ge=1)
+    weight: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                 description="a canary: this share of the plain name's requests (sticky per"
+                                             " route key); on `shadow`, the share of requests copied")
 
 
 class VllmLoadRequest(BaseModel):
@@ -81,6 +85,7 @@ class AdapterDetail(BaseModel):
     resident: AdapterResidency | None
     versions: list[int]
     aliases: dict[str, int]
+    weights: dict[str, float] = Field(description="weighted aliases (canaries, the shadow's copied share)")
     manifest: dict[str, Any] | None = Field(description="loraswap.json (dataset/training/files: admin keys only)")
 
 
@@ -100,6 +105,30 @@ class UnloadResponse(BaseModel):
 class AliasResponse(BaseModel):
     name: str
     aliases: dict[str, int]
+    weights: dict[str, float]
+
+
+class ShadowPair(BaseModel):
+    """One (primary version, shadow version) pair of an adapter since the server started (this process)."""
+
+    primary: int
+    shadow: int
+    task: str
+    requests: int = Field(description="copies run and compared")
+    dropped: int = Field(description="copies that could not run (overload, a refused load)")
+    rows: int = Field(description="inputs compared")
+    agreement: float | None = Field(description="share of inputs with the same top label (classification)")
+    mean_kl: float | None = Field(description="mean KL(primary || shadow) of the calibrated scores")
+    mean_tv: float | None = Field(description="mean total variation between the score vectors")
+    mean_cosine: float | None = Field(description="mean cosine between the vectors (embeddings)")
+    primary_ms: float | None
+    shadow_ms: float | None
+
+
+class ShadowSummary(BaseModel):
+    name: str
+    shadow: int | None = Field(description="the version the shadow alias points at now")
+    pairs: list[ShadowPair]
 
 
 class VllmLoadResponse(BaseModel):
@@ -128,7 +157,8 @@ def _registry_view(ctx, name: str) -> dict:
     versions = reg.versions(name)
     if not versions:
         raise AdapterNotFoundError(f"adapter {name!r} not found in the registry")
-    return {"versions": versions, "aliases": reg.aliases(name)}
+    listing = reg.listing(name)
+    return {"versions": versions, "aliases": listing["aliases"], "weights": listing["weights"]}
 
 
 async def _check_load(request: Request, ref: str | None, path: str | None) -> None:
@@ -172,7 +202,7 @@ async def list_adapters(request: Request) -> AdapterList:
         try:
             reg = await asyncio.to_thread(_registry_view, ctx, name)
         except AdapterNotFoundError:
-            reg = {"versions": [], "aliases": {}}
+            reg = {"versions": [], "aliases": {}, "weights": {}}
         row = _residency(request, resident[name]) if name in resident else _registry_only(name)
         data.append(AdapterRow(**row, registry_versions=reg["versions"], registry_aliases=reg["aliases"]))
     return AdapterList(object="list", data=data)  # set explicitly: the route leaves unset fields out
@@ -192,7 +222,7 @@ async def get_adapter(name: str, request: Request) -> AdapterDetail:
     except AdapterNotFoundError:
         if resident is None:
             raise
-        reg, manifest = {"versions": [], "aliases": {}}, None
+        reg, manifest = {"versions": [], "aliases": {}, "weights": {}}, None
     if manifest is not None and not auth.sees_internals(request):
         manifest = {k: v for k, v in manifest.items() if k not in PRIVATE_MANIFEST_FIELDS}
     return AdapterDetail(name=name, resident=None if resident is None else _residency(request, resident), **reg,
@@ -218,14 +248,43 @@ async def unload_adapter(name: str, request: Request) -> UnloadResponse:
     return UnloadResponse(name=name, unloaded=True)
 
 
-@router.post("/v1/adapters/{name}/aliases", summary="Point an alias (e.g. stable) at a version",
-             response_model=AliasResponse, dependencies=[Depends(auth.require_admin)])
+async def _aliases(ctx, name: str) -> AliasResponse:
+    await ctx.refresh()  # this replica serves the change now; others at their next watch step
+    listing = await asyncio.to_thread(ctx.registry.listing, name)
+    return AliasResponse(name=name, aliases=listing["aliases"], weights=listing["weights"])
+
+
+@router.post("/v1/adapters/{name}/aliases", summary="Point an alias (e.g. stable) at a version; a weight makes"
+             " it a canary", response_model=AliasResponse, dependencies=[Depends(auth.require_admin)])
 async def set_alias(name: str, body: AliasRequest, request: Request) -> AliasResponse:
     auth.check_adapter(request, name, param="name")
     ctx = request.app.state.ctx
-    await asyncio.to_thread(ctx.registry.set_alias, name, body.alias, body.version)
-    await ctx.refresh()
-    return AliasResponse(name=name, aliases=await asyncio.to_thread(ctx.registry.aliases, name))
+    await asyncio.to_thread(ctx.registry.set_alias, name, body.alias, body.version, body.weight)
+    return await _aliases(ctx, name)
+
+
+@router.delete("/v1/adapters/{name}/aliases/{alias}", summary="Remove an alias (a canary's traffic returns)",
+               response_model=AliasResponse, dependencies=[Depends(auth.require_admin)])
+async def remove_alias(name: str, alias: str, request: Request) -> AliasResponse:
+    auth.check_adapter(request, name, param="name")
+    ctx = request.app.state.ctx
+    await asyncio.to_thread(ctx.registry.remove_alias, name, alias)
+    return await _aliases(ctx, name)
+
+
+@router.get("/v1/adapters/{name}/shadow", summary="How the shadow version compares with the served ones",
+            response_model=ShadowSummary, dependencies=[Depends(auth.require_key)])
+async def shadow_summary(name: str, request: Request) -> ShadowSummary:
+    auth.check_adapter(request, name, param="name")
+    ctx = request.app.state.ctx
+    pairs = ctx.shadows.summary(name)
+    try:
+        shadow = (await asyncio.to_thread(ctx.registry.aliases, name)).get(SHADOW)
+    except AdapterNotFoundError:
+        shadow = None
+    if not pairs and not await asyncio.to_thread(ctx.registry.versions, name):
+        raise AdapterNotFoundError(f"adapter {name!r} not found in the registry")
+    return ShadowSummary(name=name, shadow=shadow, pairs=[ShadowPair(**p) for p in pairs])
 
 
 @router.post("/v1/load_lora_adapter", summary="vLLM-compatible load", response_model=VllmLoadResponse,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from adapters.errors import EngineError, LoraswapError
 from service import auth
-from service.api.inputs import Ref, check_text
+from service.api.inputs import Ref, Short, check_text, route_key
 from service.engine.classifier import ClassifierEngine
 from service.errors import APIError
 from service.limits import tenant_of
@@ -29,6 +29,7 @@ class ClassifyRequest(BaseModel):
     top_k: int = Field(1, ge=1, description="how many labels to return in `top` (all are in `scores`)")
     min_score: float | None = Field(None, ge=0, le=1, description="abstain (label null) when the top calibrated"
                                     " score is below this; default: the adapter's manifest, 0 turns it off")
+    user: Short | None = Field(None, description="the caller, for canary stickiness (or X-Loraswap-Route-Key)")
 
 
 class LabelScore(BaseModel):
@@ -111,11 +112,13 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
                                 "adapter": body.adapter, "task": "classification"}
     started = time.perf_counter()
-    async with ctx.lease("classification", body.adapter) as lease:
+    async with ctx.lease("classification", body.adapter, route_key(request, body.user)) as lease:
         name = request.state.log_fields["resolved_adapter"] = lease.name or body.adapter
         logits = await submit_rows(request, engine, texts, lease, name, "classification")
+    seconds = time.perf_counter() - started
+    ctx.shadows.copy(ctx.router("classification"), engine, "classification", lease, texts, logits, seconds)
     request.state.log_fields.update(adapter=name, version=lease.version, inputs=len(texts),
-                                    compute_ms=round((time.perf_counter() - started) * 1e3, 3))
+                                    compute_ms=round(seconds * 1e3, 3))
     results = []
     min_score = lease.min_score if body.min_score is None else body.min_score
     for row in logits:

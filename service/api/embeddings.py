@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from service import auth
 from service.api.classify import check_count, check_limits, encoder_engine, submit_rows
-from service.api.inputs import Ref, Short
+from service.api.inputs import Ref, Short, route_key
 from service.errors import APIError
 
 router = APIRouter(tags=["embeddings"])
@@ -93,12 +93,14 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
     request.state.log_fields = {**(getattr(request.state, "log_fields", None) or {}),
                                 "adapter": body.model, "task": "embedding"}
     started = time.perf_counter()
-    async with ctx.lease("embedding", body.model) as lease:
+    async with ctx.lease("embedding", body.model, route_key(request, body.user)) as lease:
         name = request.state.log_fields["resolved_adapter"] = lease.name or body.model
         vectors = await submit_rows(request, engine, rows, lease, name, "embedding", embed=True)
+    seconds = time.perf_counter() - started
+    ctx.shadows.copy(ctx.router("embedding"), engine, "embedding", lease, rows, vectors, seconds)
     tokens = sum(map(len, rows))
     request.state.log_fields.update(adapter=name, version=lease.version, inputs=len(rows),
-                                    compute_ms=round((time.perf_counter() - started) * 1e3, 3))
+                                    compute_ms=round(seconds * 1e3, 3))
     data = []
     for i, vector in enumerate(vectors):
         if body.dimensions is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi import Request
 from pydantic import Field
 
 from adapters.errors import InvalidInputError
@@ -20,6 +21,14 @@ Short = Annotated[str, Field(max_length=REF_MAX_CHARS)]
 # torch.Generator.manual_seed takes [-2^63, 2^64): outside it a seed could only fail deep in the engine.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 TOP_K_MAX = 2**31 - 1
+
+
+ROUTE_KEY_HEADER = "x-loraswap-route-key"
+
+
+def route_key(request: Request, user: str | None) -> str | None:
+    """Who the caller is, for canary stickiness: the X-Loraswap-Route-Key header, else the body's `user`."""
+    return request.headers.get(ROUTE_KEY_HEADER) or user or None
 
 
 def check_text(text: str, param: str) -> None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from adapters.errors import ContextLengthError, EngineError, InvalidInputError, LoraswapError
 from service import auth
-from service.api.inputs import SEED_MAX, SEED_MIN, TOP_K_MAX, Ref, Short, check_text
+from service.api.inputs import SEED_MAX, SEED_MIN, TOP_K_MAX, Ref, Short, check_text, route_key
 from service.context import ServiceContext
 from service.engine.generator import Delta, GeneratorEngine
 from service.engine.sampling import SamplingParams
@@ -235,9 +235,9 @@ class _Run:
     """One request on the engine under an adapter lease: started eagerly so that errors that happen before
     the first token (unknown model, context, overload) are HTTP errors, not a broken stream."""
 
-    def __init__(self, ctx, engine, model: str, request: Request) -> None:
+    def __init__(self, ctx, engine, model: str, request: Request, user: str | None) -> None:
         self.ctx, self.engine, self.model = ctx, engine, model
-        self.tenant = tenant_of(request)
+        self.tenant, self.route_key = tenant_of(request), route_key(request, user)
         # What the access log and loraswap_requests_total see (service/app.py RequestMetrics).
         self.log_fields = request.state.log_fields = {
             **(getattr(request.state, "log_fields", None) or {}), "adapter": model, "task": "generation"}
@@ -248,8 +248,9 @@ class _Run:
 
     async def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         try:
-            lease = await self.stack.enter_async_context(self.ctx.lease("generation", self.model))
+            lease = await self.stack.enter_async_context(self.ctx.lease("generation", self.model, self.route_key))
             self.adapter = self.log_fields["resolved_adapter"] = lease.name or self.model
+            self.log_fields["version"] = lease.version
             self.deltas = await self.stack.enter_async_context(
                 contextlib.aclosing(self.engine.generate(prompt_ids, params, lease.slot, self.tenant))
             )
@@ -374,7 +375,7 @@ async def completions(body: CompletionRequest, request: Request):
     params = _params(
         body, 16 if body.max_tokens is None else body.max_tokens, len(prompt_ids), engine, ctx.settings
     )
-    run = _Run(ctx, engine, body.model, request)
+    run = _Run(ctx, engine, body.model, request, body.user)
     await run.start(prompt_ids, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -415,7 +416,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt_ids = await asyncio.to_thread(_chat_ids, body, engine.tokenizer, engine.max_model_len)  # as above
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _params(body, max_tokens, len(prompt_ids), engine, ctx.settings)
-    run = _Run(ctx, engine, body.model, request)
+    run = _Run(ctx, engine, body.model, request, body.user)
     await run.start(prompt_ids, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -1,7 +1,8 @@
 """ClassifyBatcher: asyncio dynamic batching of classify requests into ClassifierEngine batches.
 Rows of many requests (any adapters) are bucketed by length; the model runs in one worker thread.
 Tenants (API keys) share the model by deficit round robin over tokens, so one key's huge requests
-cannot hold another key's small ones behind them.
+cannot hold another key's small ones behind them. Background requests (shadow copies) run only when no
+other row waits, in batches of their own: they never join, reorder or change an answer's batch.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class ClassifyBatcher:
         self._turn: deque[str | None] = deque()  # tenants in round-robin order; the next one first
         self.on_batch = on_batch
         self._pending: deque[_Request] = deque()  # requests with rows not yet in a batch, FIFO
+        self._background: deque[_Request] = deque()  # the same, run only when _pending is empty
         self._running: set[_Request] = set()
         self._tokenizing = 0  # admitted requests waiting for (or in) the tokenizer thread: they wait too
         self._last_arrival = float("-inf")
@@ -112,26 +114,31 @@ class ClassifyBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        for request in [*self._pending, *self._running]:
+        for request in [*self._pending, *self._background, *self._running]:
             if not request.future.done():
                 request.future.set_exception(RuntimeError("classify batcher stopped"))
         self._pending.clear()
+        self._background.clear()
         self._running.clear()
         self._tenant_tokens.clear()
         self._model_thread.shutdown(wait=True)
         self._token_thread.shutdown(wait=True)
 
     async def submit(self, texts: str | Sequence[str] | Sequence[Sequence[int]], slot: int, tenant: str | None = None,
-                     on_start: Callable[[float], None] | None = None, *, embed: bool = False) -> list[Tensor]:
+                     on_start: Callable[[float], None] | None = None, *, embed: bool = False,
+                     background: bool = False) -> list[Tensor]:
         """Logits for each text through `slot` (trimmed to its label count), or with `embed` its pooled
         embedding; texts may be given as token-id lists (truncated like texts). Raises QueueFullError, also
         when `tenant` already has `max_tenant_tokens` tokens queued. `on_start(seconds)` is called once, with
-        the time from submit to the request's first batch (its queue wait, tokenizing included)."""
+        the time from submit to the request's first batch (its queue wait, tokenizing included).
+        `background`: runs only while nothing else waits (its own queue, of the same bound)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
         # Requests still waiting for the tokenizer count: under a burst they queue there, not in _pending.
-        if len(self._pending) + self._tokenizing >= self.max_queue:
+        if background and len(self._background) >= self.max_queue:
+            raise QueueFullError(f"background queue is full ({self.max_queue} requests waiting)")
+        if not background and len(self._pending) + self._tokenizing >= self.max_queue:
             raise QueueFullError(f"classification queue is full ({self.max_queue} requests waiting)")
         loop, arrived = asyncio.get_running_loop(), time.perf_counter()
         self._tokenizing += 1
@@ -153,9 +160,12 @@ class ClassifyBatcher:
         # Sparse traffic (the previous request came more than max_wait ago): waiting would most likely only
         # add latency, so the request runs at once. Bursts (arrivals closer than max_wait) still wait and
         # share batches, and requests that arrive while a batch runs are batched together anyway.
-        request.sparse = request.submitted - self._last_arrival > self.max_wait
-        self._last_arrival = request.submitted
-        self._pending.append(request)
+        if background:
+            self._background.append(request)
+        else:
+            request.sparse = request.submitted - self._last_arrival > self.max_wait
+            self._last_arrival = request.submitted
+            self._pending.append(request)
         self._wakeup.set()
         try:
             return await request.future
@@ -167,10 +177,11 @@ class ClassifyBatcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._pending:
+            while not self._pending and not self._background:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._wait_for_more()
+            if self._pending:
+                await self._wait_for_more()
             for batch in self._next_batches():
                 await self._run(loop, batch)
 
@@ -199,11 +210,13 @@ class ClassifyBatcher:
         over tokens (each turn a tenant may send its share of shared_batch_tokens more, oldest request
         first) into one short batch, so the loop chooses again after every batch and a tenant arriving at
         any moment waits at most for one short batch: a batch cannot be interrupted, so a lone tenant's
-        bulk work is cut short too."""
-        for request in [r for r in self._pending if r.future.done()]:  # cancelled or failed earlier
-            self._pending.remove(request)
+        bulk work is cut short too. Background requests only when no other row waits."""
+        for lane in (self._pending, self._background):
+            for request in [r for r in lane if r.future.done()]:  # cancelled or failed earlier
+                lane.remove(request)
+        lane = self._pending or self._background
         queues: dict[str | None, deque[_Request]] = {}
-        for request in self._pending:
+        for request in lane:
             queues.setdefault(request.tenant, deque()).append(request)
         for tenant in list(self._deficit):
             if tenant not in queues:
@@ -235,7 +248,7 @@ class ClassifyBatcher:
                     self._running.add(request)
                     if request.next_row == len(request.rows):
                         queue.popleft()
-                        self._pending.remove(request)
+                        lane.remove(request)
                 self._deficit[tenant] = credit if queue and several else 0
                 if not queue:
                     del queues[tenant]
@@ -320,8 +333,9 @@ class ClassifyBatcher:
     def _finish(self, request: _Request, exc: BaseException | None) -> None:
         """Take `request` out of the queues and the tenant's count; resolve its future unless it is done."""
         self._running.discard(request)
-        if request in self._pending:
-            self._pending.remove(request)
+        for lane in (self._pending, self._background):
+            if request in lane:
+                lane.remove(request)
         self._count_done(request, request.tokens_left)
         if request.future.done():
             return

@@ -155,12 +155,13 @@ class ClassifierEngine:
         return EngineStats(running=b.running if b else 0, waiting=b.queue_depth if b else 0)
 
     async def submit(self, texts: Sequence[str] | Sequence[Sequence[int]], slot: int, tenant: str | None = None,
-                     on_start: Callable[[float], None] | None = None, *, embed: bool = False) -> list[Tensor]:
+                     on_start: Callable[[float], None] | None = None, *, embed: bool = False,
+                     background: bool = False) -> list[Tensor]:
         """Logits (or with `embed` pooled embeddings) per text through `slot`, batched with other requests
-        (see ClassifyBatcher.submit)."""
+        (see ClassifyBatcher.submit; `background`: only while nothing else waits)."""
         if self.batcher is None:
             raise RuntimeError("the classifier engine is not started")
-        return await self.batcher.submit(texts, slot, tenant, on_start=on_start, embed=embed)
+        return await self.batcher.submit(texts, slot, tenant, on_start=on_start, embed=embed, background=background)
 
     def load_slot(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an AdapterWeights (LoRA + modules_to_save head) into `slot`; validated before any write.

@@ -42,7 +42,7 @@ def test_list_inspect_promote_rm(capsys, reg, adapter_dir):
     code, out, _ = run(capsys, "adapter", "list")
     assert code == 0 and "sentiment\tversions=1,2\taliases: stable=1" in out
     code, out, _ = run(capsys, "adapter", "list", "--json")
-    assert json.loads(out) == {"sentiment": {"versions": [1, 2], "aliases": {"stable": 1}}}
+    assert json.loads(out) == {"sentiment": {"versions": [1, 2], "aliases": {"stable": 1}, "weights": {}}}
     code, out, _ = run(capsys, "adapter", "inspect", "sentiment")
     assert code == 0 and json.loads(out)["version"] == 1
     assert json.loads(run(capsys, "adapter", "inspect", "sentiment@2")[1])["version"] == 2

@@ -1,4 +1,5 @@
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -12,10 +13,16 @@ import pytest
 import torch
 
 from adapters import registry as registry_module
-from adapters.errors import AdapterConflictError, AdapterNotFoundError, AdapterValidationError, RegistryError
+from adapters.errors import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+    InvalidInputError,
+    RegistryError,
+)
 from adapters.format import read_adapter
 from adapters.ref import AdapterRef
-from adapters.registry import Registry, resolve_in
+from adapters.registry import Registry, Traffic, resolve_in, traffic_in
 
 
 @pytest.fixture(params=["dir", "file-url", "memory"])
@@ -84,6 +91,33 @@ def test_aliases(registry, adapter_dir):
     assert registry.resolve("sentiment") == ("sentiment", 2)
     with pytest.raises(AdapterNotFoundError, match="no alias 'stable'"):
         registry.resolve("sentiment@stable")
+
+
+def test_weighted_aliases(registry, adapter_dir):
+    """A weight makes an alias a canary (stored beside its version; plain aliases stay plain numbers, so
+    files written before weights existed read the same); the shadow's weight is its copied share."""
+    for _ in range(3):
+        registry.publish(adapter_dir)
+    registry.set_alias("sentiment", "stable", 1)
+    registry.set_alias("sentiment", "canary", 2, 0.1)
+    registry.set_alias("sentiment", "exp", 3, 0.2)
+    registry.set_alias("sentiment", "shadow", 3)
+    raw = json.loads(registry.fs.cat_file(f"{registry.root}/sentiment/aliases.json"))
+    assert raw == {"canary": {"version": 2, "weight": 0.1}, "exp": {"version": 3, "weight": 0.2}, "shadow": 3,
+                   "stable": 1}
+    assert registry.aliases("sentiment") == {"canary": 2, "exp": 3, "shadow": 3, "stable": 1}
+    assert registry.weights("sentiment") == {"canary": 0.1, "exp": 0.2}
+    entry = registry.snapshot()["sentiment"]
+    assert entry == registry.listing("sentiment") and entry["weights"] == {"canary": 0.1, "exp": 0.2}
+    assert traffic_in(entry["aliases"], entry["weights"]) == Traffic(((2, 0.1), (3, 0.2)), (3, 1.0))
+    registry.set_alias("sentiment", "canary", 2)  # no weight: a plain alias again
+    assert registry.weights("sentiment") == {"exp": 0.2}
+    before = _visible(registry)
+    for alias, weight, match in (("canary", 0.9, "add up to 1.1 > 1"), ("stable", 0.5, "stable alias takes no"),
+                                 ("canary", float("nan"), "between 0 and 1"), ("canary", 1.5, "between 0 and 1")):
+        with pytest.raises(InvalidInputError, match=match):
+            registry.set_alias("sentiment", alias, 2, weight)
+    assert _visible(registry) == before
 
 
 def test_alias_to_missing_version(registry, adapter_dir):

@@ -20,6 +20,10 @@ EXPORTED_METRICS: dict[str, str] = {
     "loraswap_batch_distinct_adapters": "histogram",
     "loraswap_engine_running_requests": "gauge",
     "loraswap_engine_waiting_requests": "gauge",
+    "loraswap_shadow_requests_total": "counter",
+    "loraswap_shadow_rows_total": "counter",
+    "loraswap_shadow_divergence": "histogram",
+    "loraswap_shadow_duration_seconds": "histogram",
     # vLLM-compatible gauges read by the Gateway API Inference Extension endpoint picker.
     "vllm:num_requests_running": "gauge",
     "vllm:num_requests_waiting": "gauge",

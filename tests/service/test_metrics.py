@@ -34,6 +34,10 @@ EXPECTED = {
     "loraswap_batch_distinct_adapters": ("histogram", {"task"}),
     "loraswap_engine_running_requests": ("gauge", {"task"}),
     "loraswap_engine_waiting_requests": ("gauge", {"task"}),
+    "loraswap_shadow_requests": ("counter", {"adapter", "primary", "shadow", "result"}),
+    "loraswap_shadow_rows": ("counter", {"adapter", "primary", "shadow", "outcome"}),
+    "loraswap_shadow_divergence": ("histogram", {"adapter", "primary", "shadow", "measure"}),
+    "loraswap_shadow_duration_seconds": ("histogram", {"adapter"}),
     "vllm:num_requests_running": ("gauge", set()),
     "vllm:num_requests_waiting": ("gauge", set()),
     "vllm:kv_cache_usage_perc": ("gauge", set()),
@@ -81,6 +85,8 @@ def record_mixed_traffic(m: Metrics) -> Tally:
     m.set_resident("device", 2)
     m.set_resident("host", 5)
     m.set_loaded_adapters({"gpu": {"sentiment", "banking"}, "cpu": {"sentiment", "banking", "support"}})
+    m.observe_shadow("sentiment", 1, 2, "classification", 0.01, 4, 3, {"kl": [0.1] * 4, "tv": [0.05] * 4})
+    m.count_shadow_drop("sentiment", 1, 2, "OverloadedError")
     m.observe_batch("classification", 16, 3)
     m.observe_batch("generation", 4, 2)
     m.set_engine_state("classification", 3, 7)

@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 import torch
 from factories import openai_error as _error
-from factories import publish_cls_adapter, randomize_adapter, tiny_bert_base
+from factories import publish_cls_adapter, publish_embedding_adapter, tiny_bert_base
 from fastapi.testclient import TestClient
-from peft import LoraConfig, get_peft_model
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModel, AutoTokenizer
 
-from adapters.bases import load_base
-from adapters.fingerprint import describe_base
-from adapters.format import import_peft_folder
 from adapters.pooling import Pooling
 from adapters.registry import Registry
 from service.app import create_app
@@ -32,15 +28,7 @@ def world(tmp_path_factory):
     base_dir = tiny_bert_base(root / "base")
     registry = Registry(root / "registry")
     publish_cls_adapter(registry, base_dir, root / "work", "sentiment", num_labels=2, seed=1)
-    torch.manual_seed(5)
-    oracle = get_peft_model(AutoModel.from_pretrained(base_dir).eval(),
-                            LoraConfig(task_type="FEATURE_EXTRACTION", r=4, lora_alpha=8,
-                                       target_modules=["query", "value", "output.dense"])).eval()
-    randomize_adapter(oracle, 0.3)
-    oracle.save_pretrained(root / "search")
-    base, _ = load_base(base_dir, "classification")
-    import_peft_folder(root / "search", "search", str(base_dir), describe_base(base, str(base_dir), "classification"))
-    registry.publish(root / "search", name="search")
+    oracle = publish_embedding_adapter(registry, base_dir, root / "work", "search", seed=5)
     settings = Settings(registry=str(root / "registry"), encoder_base=str(base_dir), decoder_base="",
                         watch_interval_s=0, max_gpu_adapters=4, max_inputs=8, max_input_chars=200)
     return settings, oracle, AutoModel.from_pretrained(base_dir).eval(), AutoTokenizer.from_pretrained(base_dir)

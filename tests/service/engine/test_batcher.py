@@ -20,6 +20,7 @@ class FakeEngine:
 
     def __init__(self, delay: float = 0.0, fail_slot: int | None = None) -> None:
         self.delay, self.fail_slot = delay, fail_slot
+        self.max_length = 512  # token-id rows are cut here, as texts are by the tokenizer
         self.batches: list[tuple[list[list[int]], list[int]]] = []
         self.threads: set[str] = set()
 
@@ -262,3 +263,25 @@ async def test_a_row_with_non_finite_scores_fails_its_own_request_only() -> None
     await batcher.stop()
     assert isinstance(got[1], RowFailedError) and "non-finite" in str(got[1])
     assert [t.tolist() for t in got[0]] == [[1, 2, 1], [1, 1, 2]] and got[2][0].tolist() == [2, 1, 4]
+
+
+async def test_background_rows_wait_for_an_idle_model_and_never_join_a_foreground_batch() -> None:
+    """Shadow copies run as background work: queued behind foreground rows that arrive later, in batches of
+    their own, and refused past the queue bound without touching the foreground queue. Rows go in as token
+    ids (no tokenizer thread), so they are queued at once, while the first batch runs."""
+    engine = FakeEngine(delay=0.2)
+    batcher = ClassifyBatcher(engine, max_batch_size=8, max_wait_ms=1, max_queue=3)
+    await batcher.start()
+    blocker = asyncio.create_task(batcher.submit([[1, 7]], slot=1, tenant="a"))
+    await asyncio.sleep(0.05)  # the blocker's batch is running
+    shadow = [asyncio.create_task(batcher.submit([[500 + i, 7]], slot=3, tenant="s", background=True))
+              for i in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFullError, match="background"):
+        await batcher.submit([[600, 7]], slot=3, tenant="s", background=True)
+    front = [asyncio.create_task(batcher.submit([[100 + i, 7]], slot=2, tenant="a")) for i in range(3)]
+    out = await asyncio.gather(blocker, *front, *shadow)
+    await batcher.stop()
+    assert [o[0][2] for o in out] == [1, 100, 101, 102, 500, 501, 502]
+    kinds = [{"bg" if s == 3 else "fg" for s in slots} for _, slots in engine.batches]
+    assert kinds == [{"fg"}, {"fg"}, {"bg"}], kinds  # the waiting foreground first, never mixed
