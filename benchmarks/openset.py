@@ -5,7 +5,7 @@ that keeps a target share (95 %) of in-scope validation queries answered.
     python -m benchmarks.openset [--held-out 10] [--seed 0] [--epochs 0.6] [--max-length 32] [--freeze-layers 3] [--logits FILE]
 
 Training and logits go to runs/openset/ (logits.npz lets `--logits` re-score without retraining);
-the result goes to benchmarks/results/openset-cpu-<date>.{md,json}.
+the result goes to benchmarks/results/openset-cpu-<date>-<epochs>ep.{md,json}.
 """
 
 from __future__ import annotations
@@ -112,15 +112,15 @@ def write_report(arrays, coverage: float, results: Path) -> Path:
     rows = {k: int(len(arrays[f"{k}_logits"])) for k in ("validation_in", "validation_out", "test_in", "test_out")}
     load = os.getloadavg()
     summary = {"meta": meta, "coverage": coverage, "rows": rows, "load_average": load, **table}
-    stem = results / f"openset-cpu-{datetime.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    stem = f"openset-cpu-{datetime.date.today().isoformat()}-{meta['epochs']:g}ep"  # runs differ in length
+    (results / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
         "# Open-set abstention on BANKING77 (held-out intents)", "",
         f"- held out of training ({len(meta['held_out'])} of 77, `random.Random({meta['seed']}).sample(sorted(labels),"
         f" {len(meta['held_out'])})`): {', '.join(meta['held_out'])}",
         f"- adapter: the `support-intent` recipe with epochs {meta['epochs']}, max_length {meta['max_length']},"
         f" freeze_layers {meta['freeze_layers']} ({meta['steps']} steps, {meta['train_seconds']} s of training)",
-        f"- machine: {meta['machine']}; load average while scoring {load[0]:.1f} (2 cores shared with other agents)",
+        f"- machine: {meta['machine']}; load average while scoring {load[0]:.1f} (2 cores, shared with other work)",
         f"- rows: validation {rows['validation_in']} in-scope / {rows['validation_out']} held-out;"
         f" test {rows['test_in']} / {rows['test_out']}",
         f"- test accuracy (in-scope, no abstention) {table['test_accuracy']:.4f}; temperature {table['temperature']:.3f};"
@@ -132,8 +132,8 @@ def write_report(arrays, coverage: float, results: Path) -> Path:
         lines.append(f"| {kind} | {m['threshold']:.4f} | {100 * m['test_in_scope_answered']:.1f} % |"
                      f" {m['test_accuracy_answered']:.4f} | {100 * m['validation_held_out_abstained']:.1f} % |"
                      f" {100 * m['test_held_out_abstained']:.1f} % |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return stem.with_suffix(".md")
+    (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return results / f"{stem}.md"
 
 
 def main(argv: list[str] | None = None) -> int:
