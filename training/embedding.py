@@ -5,6 +5,9 @@ another row of the same label. The loss is multiple-negatives ranking (InfoNCE):
 its own positive among every positive in the batch, and each positive its anchor (symmetric). Rows of the
 same label are not negatives of each other: they are masked out rather than pushed apart.
 
+With `confusable_batches`, batches are not random: each holds a few rows of each of a set of labels that
+lie close together in the base's space (`confusable_order`), so every in-batch negative is a hard one.
+
 Evaluation is retrieval of one split against the train split (the index): accuracy@1 by the nearest
 neighbour's label, recall@5 (a same-label row among the 5 nearest), MRR@10; for the adapter and its base.
 """
@@ -65,6 +68,34 @@ def tokenize_pairs(ds: Dataset, tokenizer, recipe: Recipe) -> Dataset:
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize pairs")
 
 
+def confusable_order(groups: list[int], vectors: torch.Tensor, batch_size: int, per_group: int,
+                     seed: int) -> list[int]:
+    """A row order whose consecutive `batch_size` rows come from mutually close groups: a random group with
+    rows left seeds a batch, then groups by the cosine of their centroid to the seed's, `per_group` rows
+    each, until the batch is full. `vectors`: unit vectors of the rows (the base's)."""
+    rng = random.Random(seed)
+    rows: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows.setdefault(g, []).append(i)
+    ids = sorted(rows)
+    centroids = F.normalize(torch.stack([vectors[rows[g]].mean(0) for g in ids]), dim=-1)
+    near = (centroids @ centroids.T).argsort(dim=1, descending=True).tolist()  # by closeness, itself first
+    for members in rows.values():
+        rng.shuffle(members)
+    order: list[int] = []
+    while len(order) < len(groups):
+        seed_group = rng.choice([g for g in ids if rows[g]])
+        batch: list[int] = []
+        for j in near[ids.index(seed_group)]:
+            take = rows[ids[j]][: min(per_group, batch_size - len(batch))]
+            del rows[ids[j]][: len(take)]
+            batch += take
+            if len(batch) == batch_size:
+                break
+        order += batch
+    return order
+
+
 class PairCollator:
     """Pads each side of the pairs on its own (dynamic padding, as for classification)."""
 
@@ -98,6 +129,12 @@ class EmbeddingTrainer(Trainer):
     def __init__(self, *args, pooling: Pooling, recipe: Recipe, index: Dataset, queries: Dataset, **kwargs):
         super().__init__(*args, **kwargs)
         self.pooling, self.recipe, self.index, self.queries = pooling, recipe, index, queries
+
+    def _get_train_sampler(self, *args, **kwargs):
+        """Batches as `confusable_order` arranged the rows, when it did."""
+        if self.recipe.confusable_batches:
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         vectors = [self.pooling(model(input_ids=inputs[f"{s}_input_ids"],

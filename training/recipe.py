@@ -65,6 +65,9 @@ class Recipe:
     grad_accum: int = 1
     max_length: int = 128
     group_by_length: bool = True
+    # embedding, labelled texts: 0 = random batches; N = each batch holds N rows of each of batch_size / N
+    # labels that lie close together in the base's space (their in-batch negatives are the hard ones)
+    confusable_batches: int = 0
     eval_steps: int = 200
     logging_steps: int = 20
     save_total_limit: int = 2
@@ -116,6 +119,8 @@ class Recipe:
             raise LoraswapError("label_smoothing must be in [0, 1)")
         if not 0.0 < self.abstain_coverage <= 1.0:
             raise LoraswapError("abstain_coverage must be in (0, 1]")
+        if self.confusable_batches and (self.task != "embedding" or not 0 < self.confusable_batches <= self.batch_size):
+            raise LoraswapError("confusable_batches is for embedding recipes: rows per label, 1..batch_size")
         if self.label_smoothing and self.task != "classification":
             raise LoraswapError("label_smoothing is only supported for classification")
         return self

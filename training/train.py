@@ -38,7 +38,7 @@ from training.data import (
     validation_rows,
 )
 from training.dropout import use_bulk_dropout
-from training.embedding import EmbeddingTrainer, PairCollator, pairs, tokenize_pairs
+from training.embedding import EmbeddingTrainer, PairCollator, has_pairs, pairs, tokenize_pairs
 from training.recipe import Recipe
 
 log = logging.getLogger("loraswap.train")
@@ -256,7 +256,12 @@ def build(recipe: Recipe):
         eval_ds = longest_first(tokenize_classification(validation_rows(splits, recipe), tokenizer, recipe, splits.labels))
     elif recipe.task == "embedding":
         model = apply_lora(model, recipe)
-        train_ds = tokenize_pairs(pairs(splits.train, recipe), tokenizer, recipe)
+        pair_rows = pairs(splits.train, recipe)
+        train_ds = tokenize_pairs(pair_rows, tokenizer, recipe)
+        if recipe.confusable_batches:
+            if has_pairs(splits.train, recipe):
+                raise LoraswapError("confusable_batches needs labelled texts, not given pairs")
+            train_ds = train_ds.select(_confusable(model, tokenizer, pair_rows, recipe))
         eval_ds = validation_rows(splits, recipe)  # raw rows: EmbeddingTrainer.evaluate retrieves them
     else:
         if getattr(model, "generation_config", None) is not None:
@@ -266,6 +271,17 @@ def build(recipe: Recipe):
         eval_ds = tokenize_generation(validation_rows(splits, recipe), tokenizer, recipe)
     use_bulk_dropout(model)  # training-only: nn.Dropout's CPU masks are the slow part of a step
     return model, tokenizer, splits, train_ds, eval_ds
+
+
+def _confusable(model, tokenizer, pair_rows, recipe: Recipe) -> list[int]:
+    """The row order of `confusable_batches`, from the base's vectors of the anchors (the new LoRA is zero)."""
+    from adapters.bases import local_base
+    from adapters.pooling import read_pooling
+    from training.embedding import confusable_order, encode
+
+    vectors = encode(model, tokenizer, pair_rows["anchor"], read_pooling(local_base(base_name(recipe))),
+                     recipe.max_length, recipe.eval_batch_size)
+    return confusable_order(pair_rows["group"], vectors, recipe.batch_size, recipe.confusable_batches, recipe.seed)
 
 
 def train(recipe: Recipe) -> TrainResult:

@@ -11,13 +11,14 @@ import torch
 from datasets import Dataset
 
 from adapters.bases import load_base
+from adapters.errors import LoraswapError
 from adapters.fingerprint import describe_base
 from adapters.format import read_adapter
 from adapters.registry import Registry
 from tests.training.conftest import read_jsonl, write_jsonl
 from tests.training.helpers import recipe, single_thread  # noqa: F401  (autouse)
 from training.cli import run
-from training.embedding import in_batch_negatives_loss, pairs, retrieval_scores
+from training.embedding import confusable_order, in_batch_negatives_loss, pairs, retrieval_scores
 from training.recipe import Recipe
 
 DATA = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "data" / "banking77"
@@ -92,3 +93,32 @@ def test_train_evaluate_publish(tiny_encoder, banking_slice, tmp_path):
     assert all(p.startswith("bert.encoder.layer.") for p in weights.lora)  # served on the encoder's paths
     report = (folder / "eval" / "report.md").read_text()
     assert "accuracy@1" in report and (folder / "eval" / "retrieval.png").is_file()
+
+
+def test_confusable_order_fills_batches_from_close_groups():
+    """Two clusters of four labels: every full batch draws from one cluster only, per_group rows a label,
+    and the order is a permutation of the rows."""
+    torch.manual_seed(0)
+    axes = torch.eye(16)
+    groups, vectors = [], []
+    for g in range(8):
+        centre = axes[0] if g < 4 else axes[1]
+        for _ in range(6):
+            groups.append(g)
+            vectors.append(centre + 0.05 * axes[2 + g] + 0.01 * torch.randn(16))
+    vectors = torch.nn.functional.normalize(torch.stack(vectors), dim=-1)
+    order = confusable_order(groups, vectors, batch_size=8, per_group=2, seed=1)
+    assert sorted(order) == list(range(len(groups)))
+    batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+    for batch in batches[:4]:  # before the clusters run out of rows, batches stay within one
+        labels = [groups[i] for i in batch]
+        assert len({g < 4 for g in labels}) == 1, labels
+        assert max(labels.count(g) for g in labels) <= 2
+
+
+def test_confusable_batches_train_in_that_order(tiny_encoder, banking_slice, tmp_path):
+    r = recipe(tiny_encoder, banking_slice, tmp_path / "run", task="embedding", eval_steps=8, confusable_batches=2,
+               max_steps=2)
+    assert run(r, publish=False)["metrics"]["test_accuracy_at_1"] >= 0
+    with pytest.raises(LoraswapError, match="confusable_batches is for embedding"):
+        recipe(tiny_encoder, banking_slice, tmp_path / "x", task="classification", confusable_batches=2)
