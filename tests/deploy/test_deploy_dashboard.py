@@ -103,6 +103,9 @@ REQUIRED_PANELS = {
     "Tokens/s by kind": {"loraswap_tokens_total"},
     "Time to first token": {"loraswap_time_to_first_token_seconds_bucket"},
     "Inter-token latency": {"loraswap_inter_token_latency_seconds_bucket"},
+    "Shadow agreement by adapter": {"loraswap_shadow_rows_total"},
+    "Shadow divergence": {"loraswap_shadow_divergence_sum", "loraswap_shadow_divergence_count",
+                          "loraswap_shadow_requests_total"},
 }
 
 
