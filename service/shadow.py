@@ -3,7 +3,9 @@
 The copy starts once the primary's answer is computed (a task of its own) and goes to the encoder batcher
 as background work: it runs only while no other row waits, in short batches of its own (several shadowed
 adapters share them), so it never joins or changes a primary's batch and delays one by at most one short
-batch. A copy that fails (its queue full, a refused load) is counted, not retried.
+batch. A copy that fails (its queue full, a refused load) is counted, not retried; a shadow version refused
+for good (invalid, or of another task: versions never change) is not tried again, so a bad shadow alias
+costs no fetch or validation per request.
 
 Comparisons per (adapter, primary version, shadow version): classification = the top label agrees,
 KL(primary || shadow) and total variation between the calibrated score vectors; embeddings = cosine
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.errors import LoraswapError
 from service.engine.classifier import ClassifierEngine
 from service.metrics import Metrics
 from service.router import AdapterRouter, Lease
@@ -68,6 +71,7 @@ class ShadowTraffic:
         self.metrics = metrics
         self._stats: dict[Pair, PairStats] = {}
         self._running: set[asyncio.Task] = set()
+        self._refused: set[tuple[str, int]] = set()  # shadow versions refused for good (409/422)
 
     def copy(self, router: AdapterRouter, engine: ClassifierEngine, task: str, primary: Lease, rows: list,
              answers: list[torch.Tensor], primary_seconds: float) -> None:
@@ -84,6 +88,10 @@ class ShadowTraffic:
         name, version = primary.shadow
         pair = (name, primary.version, version)
         stats = self._stats.setdefault(pair, PairStats(task))
+        if primary.shadow in self._refused:
+            stats.dropped += 1
+            self._observe_drop(pair, "refused")
+            return
         started = time.perf_counter()
         try:
             async with router.lease(f"{name}@{version}", task, traffic=False) as shadow:
@@ -91,7 +99,11 @@ class ShadowTraffic:
         except Exception as exc:  # overloaded, refused, unloaded meanwhile: this copy is lost, counted
             stats.dropped += 1
             self._observe_drop(pair, type(exc).__name__)
-            log.debug("shadow copy %s@%d dropped: %s", name, version, exc)
+            if isinstance(exc, LoraswapError) and exc.status in (409, 422):
+                self._refused.add(primary.shadow)
+                log.warning("shadow %s@%d refused (%s); its copies are dropped from now on", name, version, exc)
+            else:
+                log.debug("shadow copy %s@%d dropped: %s", name, version, exc)
             return
         seconds = time.perf_counter() - started
         stats.requests += 1

@@ -49,6 +49,7 @@ def world(tmp_path_factory):
             vectors[version] = torch.stack([
                 Pooling()(model(**(enc := tokenizer([t], return_tensors="pt"))).last_hidden_state,
                           enc["attention_mask"])[0] for t in TEXTS])
+    publish_embedding_adapter(registry, base_dir, root / "work", "intent", seed=30, version=4)  # another task
     registry.set_alias("intent", "stable", 1)
     registry.set_alias("search", "stable", 1)
     settings = Settings(registry=str(root / "registry"), encoder_base=str(base_dir), decoder_base="",
@@ -230,6 +231,30 @@ def test_shadow_set_and_removed_under_traffic_loses_nothing(world, client):
         t.join()
     assert not failures, failures[:3]
     assert all(p["dropped"] == 0 for p in _summary(client, "intent")["pairs"])
+
+
+def test_a_shadow_refused_for_good_is_not_tried_again(world, client):
+    """intent@4 is an embedding adapter: the first copy is refused (409) and counted; later copies are
+    dropped at once, without another manifest read, and the answers are unaffected."""
+    _, logits, _ = world
+    _alias(client, "intent", "shadow", 4)
+    router = client.app.state.ctx.routers["classification"]
+    reads = []
+    original = router.registry.manifest
+    router.registry.manifest = lambda *key: reads.append(key) or original(*key)
+    try:
+        for i in range(4):
+            assert _classify(client, logits, i) == 1
+            _drain(client)
+    finally:
+        router.registry.manifest = original
+    pair = next(p for p in _summary(client, "intent")["pairs"] if (p["primary"], p["shadow"]) == (1, 4))
+    assert pair["dropped"] == 4 and pair["requests"] == 0
+    assert reads.count(("intent", 4)) == 1
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    results = {s.labels["result"]: s.value for s in families["loraswap_shadow_requests"].samples
+               if s.name.endswith("_total") and s.labels["shadow"] == "4"}
+    assert results == {"AdapterConflictError": 1.0, "refused": 3.0}
 
 
 def test_promotion_gate_reads_the_summary(world, client):
