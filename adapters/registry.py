@@ -153,10 +153,6 @@ class Registry:
     def aliases(self, name: str) -> dict[str, int]:
         return {alias: version for alias, (version, _) in self._alias_entries(name).items()}
 
-    def weights(self, name: str) -> dict[str, float]:
-        """The weighted aliases of `name` and their weights (see Traffic)."""
-        return {alias: w for alias, (_, w) in self._alias_entries(name).items() if w is not None}
-
     def listing(self, name: str) -> dict:
         """`{"versions", "aliases", "weights"}` of one name (a snapshot entry)."""
         return self._entry(name, self.versions(name))

@@ -33,6 +33,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from adapters.errors import (
     AdapterConflictError,
     AdapterNotFoundError,
@@ -64,6 +67,11 @@ class Lease:
     temperature: float = 1.0  # the manifest's calibration (classification); 1.0 / 0.0 when it has none
     min_score: float = 0.0
     shadow: Key | None = None  # a version that gets a copy of this request (the name's shadow alias)
+
+    def scores(self, logits: Tensor) -> tuple[Tensor, list[str]]:
+        """A classification row's calibrated scores (softmax of logits / temperature) and its label names."""
+        labels = self.labels or [f"LABEL_{i}" for i in range(logits.shape[-1])]
+        return torch.softmax(logits.float() / self.temperature, dim=-1), labels
 
     def release(self) -> None:
         if self._release is not None:

@@ -61,11 +61,6 @@ class PairStats:
                 "shadow_ms": mean(self.shadow_seconds * 1e3, self.requests)}
 
 
-def _scores(logits: torch.Tensor, lease: Lease) -> tuple[torch.Tensor, list[str]]:
-    labels = lease.labels or [f"LABEL_{i}" for i in range(logits.shape[-1])]
-    return torch.softmax(logits.float() / lease.temperature, dim=-1), labels
-
-
 class ShadowTraffic:
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
@@ -131,8 +126,8 @@ class ShadowTraffic:
         name; when the two versions' label sets differ only the top labels are compared."""
         agreements, kl, tv = 0, [], []
         for a, b in zip(primary_logits, shadow_logits, strict=True):
-            p, p_labels = _scores(a, primary)
-            q, q_labels = _scores(b, shadow)
+            p, p_labels = primary.scores(a)
+            q, q_labels = shadow.scores(b)
             agreements += p_labels[int(p.argmax())] == q_labels[int(q.argmax())]
             if sorted(p_labels) != sorted(q_labels):
                 continue

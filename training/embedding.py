@@ -84,9 +84,9 @@ def confusable_order(groups: list[int], vectors: torch.Tensor, batch_size: int, 
         rng.shuffle(members)
     order: list[int] = []
     while len(order) < len(groups):
-        seed_group = rng.choice([g for g in ids if rows[g]])
+        seed_group = rng.choice([k for k, g in enumerate(ids) if rows[g]])
         batch: list[int] = []
-        for j in near[ids.index(seed_group)]:
+        for j in near[seed_group]:
             take = rows[ids[j]][: min(per_group, batch_size - len(batch))]
             del rows[ids[j]][: len(take)]
             batch += take

@@ -256,11 +256,11 @@ def build(recipe: Recipe):
         eval_ds = longest_first(tokenize_classification(validation_rows(splits, recipe), tokenizer, recipe, splits.labels))
     elif recipe.task == "embedding":
         model = apply_lora(model, recipe)
+        if recipe.confusable_batches and has_pairs(splits.train, recipe):
+            raise LoraswapError("confusable_batches needs labelled texts, not given pairs")
         pair_rows = pairs(splits.train, recipe)
         train_ds = tokenize_pairs(pair_rows, tokenizer, recipe)
         if recipe.confusable_batches:
-            if has_pairs(splits.train, recipe):
-                raise LoraswapError("confusable_batches needs labelled texts, not given pairs")
             train_ds = train_ds.select(_confusable(model, tokenizer, pair_rows, recipe))
         eval_ds = validation_rows(splits, recipe)  # raw rows: EmbeddingTrainer.evaluate retrieves them
     else:

@@ -153,12 +153,10 @@ class ModelList(BaseModel):
 
 
 def _registry_view(ctx, name: str) -> dict:
-    reg = ctx.registry
-    versions = reg.versions(name)
-    if not versions:
+    listing = ctx.registry.listing(name)
+    if not listing["versions"]:
         raise AdapterNotFoundError(f"adapter {name!r} not found in the registry")
-    listing = reg.listing(name)
-    return {"versions": versions, "aliases": listing["aliases"], "weights": listing["weights"]}
+    return listing
 
 
 async def _check_load(request: Request, ref: str | None, path: str | None) -> None:
@@ -278,13 +276,10 @@ async def shadow_summary(name: str, request: Request) -> ShadowSummary:
     auth.check_adapter(request, name, param="name")
     ctx = request.app.state.ctx
     pairs = ctx.shadows.summary(name)
-    try:
-        shadow = (await asyncio.to_thread(ctx.registry.aliases, name)).get(SHADOW)
-    except AdapterNotFoundError:
-        shadow = None
-    if not pairs and not await asyncio.to_thread(ctx.registry.versions, name):
+    listing = await asyncio.to_thread(ctx.registry.listing, name)
+    if not pairs and not listing["versions"]:
         raise AdapterNotFoundError(f"adapter {name!r} not found in the registry")
-    return ShadowSummary(name=name, shadow=shadow, pairs=[ShadowPair(**p) for p in pairs])
+    return ShadowSummary(name=name, shadow=listing["aliases"].get(SHADOW), pairs=[ShadowPair(**p) for p in pairs])
 
 
 @router.post("/v1/load_lora_adapter", summary="vLLM-compatible load", response_model=VllmLoadResponse,

@@ -122,8 +122,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     results = []
     min_score = lease.min_score if body.min_score is None else body.min_score
     for row in logits:
-        labels = lease.labels or [f"LABEL_{i}" for i in range(row.shape[-1])]
-        probs = torch.softmax(row.float() / lease.temperature, dim=-1)
+        probs, labels = lease.scores(row)
         order = torch.argsort(probs, descending=True).tolist()
         scores = {labels[i]: float(probs[i]) for i in range(len(labels))}
         top = [LabelScore(label=labels[i], score=float(probs[i])) for i in order[: body.top_k]]

@@ -106,12 +106,11 @@ def test_weighted_aliases(registry, adapter_dir):
     assert raw == {"canary": {"version": 2, "weight": 0.1}, "exp": {"version": 3, "weight": 0.2}, "shadow": 3,
                    "stable": 1}
     assert registry.aliases("sentiment") == {"canary": 2, "exp": 3, "shadow": 3, "stable": 1}
-    assert registry.weights("sentiment") == {"canary": 0.1, "exp": 0.2}
     entry = registry.snapshot()["sentiment"]
     assert entry == registry.listing("sentiment") and entry["weights"] == {"canary": 0.1, "exp": 0.2}
     assert traffic_in(entry["aliases"], entry["weights"]) == Traffic(((2, 0.1), (3, 0.2)), (3, 1.0))
     registry.set_alias("sentiment", "canary", 2)  # no weight: a plain alias again
-    assert registry.weights("sentiment") == {"exp": 0.2}
+    assert registry.listing("sentiment")["weights"] == {"exp": 0.2}
     before = _visible(registry)
     for alias, weight, match in (("canary", 0.9, "add up to 1.1 > 1"), ("stable", 0.5, "stable alias takes no"),
                                  ("canary", float("nan"), "between 0 and 1"), ("canary", 1.5, "between 0 and 1")):
