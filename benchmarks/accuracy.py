@@ -1,7 +1,9 @@
 """accuracy suite: every shipped classification adapter in registry/ served by the ClassifierEngine under
 each base precision (fp32, int8 block linears, bf16), accuracy on its test split, with the budget check
 (within 0.5 point of fp32). The rows are what the server answers, batch of 64 texts, all on one adapter.
-Generation (support-reply's reply loss) is not in it yet.
+Generation: support-reply's mean loss on the reply tokens of its test split (the recipe's chat format and
+256-token limit), teacher-forced through the GeneratorEngine's own model and runner under each precision,
+with the budget check (within 2 % of fp32).
 """
 
 from __future__ import annotations
@@ -44,6 +46,44 @@ def _accuracy(name: str, precision: str, limit: int | None) -> float:
     return right / len(rows)
 
 
+def _reply_loss(precision: str, limit: int | None) -> float:
+    """Mean cross-entropy per reply token of support-reply on its test split, through the engine's runner
+    (every position's logits: the runner's own layers and head, one row at a time, in a KV row of its own)."""
+    from adapters.bases import DEFAULT_DECODER, load_base
+    from adapters.fingerprint import describe_base
+    from adapters.format import read_adapter
+    from adapters.registry import Registry
+    from service.engine.generator import GeneratorEngine
+    from service.engine.sampling import SamplingParams
+    from service.engine.sequence import Sequence
+    from training.data import chat_prompt
+
+    dtype, quantization = PRECISIONS[precision]
+    model, tok = load_base(DEFAULT_DECODER, "generation", dtype=dtype)
+    info = describe_base(model, DEFAULT_DECODER, "generation")
+    engine = GeneratorEngine(model, tok, info, num_slots=2, max_rank=64, max_num_seqs=1, max_model_len=512,
+                             dtype=dtype, quantization=quantization)  # fmt: skip
+    reg = Registry(ROOT / "registry")
+    engine.load_slot(1, read_adapter(reg.fetch(*reg.resolve("support-reply")), info))
+    rows = [json.loads(line) for line in (DATA / "bitext_customer_support" / "test.jsonl").read_text().splitlines()]
+    total, count, runner = 0.0, 0, engine.runner
+    with torch.inference_mode():
+        for row in rows[:limit] if limit else rows:
+            prompt = chat_prompt(tok, row["instruction"], None)
+            reply = tok(row["response"].strip() + tok.eos_token, add_special_tokens=False)["input_ids"]
+            ids = (prompt + reply)[:256]
+            seq = Sequence(ids, SamplingParams(max_tokens=1))
+            engine.kv_cache.allocate(seq)
+            with runner.slots.use([1]):
+                hidden = runner._layers(torch.tensor([ids]), torch.arange(len(ids))[None], slice(seq.row, seq.row + 1))
+            engine.kv_cache.free(seq)
+            logits = runner._logits(hidden[0, len(prompt) - 1 : -1])
+            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[len(prompt) :]), reduction="sum"))
+            count += len(ids) - len(prompt)
+    engine.shutdown()
+    return total / count
+
+
 def run(device: str, quick: bool) -> tuple[dict, str]:
     """LORASWAP_BENCH_PRECISIONS (comma list, default all) narrows the precisions: bf16 is ~3x slower than
     fp32 on a CPU without AMX. LORASWAP_BENCH_ROWS takes the first rows of each test split only, and
@@ -58,7 +98,11 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     for name in ADAPTERS:
         acc = {p: _accuracy(name, p, limit) for p in ["fp32", *others]}
         cases.append({"case": name, **acc, **{f"{p}_minus_fp32_points": 100 * (acc[p] - acc["fp32"]) for p in others}})
-    result = {"suite": "accuracy", "quick": quick, "machine": machine_info(device), "setup": {"dtype": "float32", "rows_per_split": limit, "batch": 64}, "cases": cases}
+    reply_rows = 8 if quick else int(os.environ.get("LORASWAP_BENCH_REPLY_ROWS", 200))
+    loss = {p: _reply_loss(p, reply_rows) for p in ["fp32", *others]}
+    replies = {"case": "support-reply", "rows": reply_rows, **loss,
+               **{f"{p}_over_fp32": loss[p] / loss["fp32"] for p in others}}  # fmt: skip
+    result = {"suite": "accuracy", "quick": quick, "machine": machine_info(device), "setup": {"dtype": "float32", "rows_per_split": limit, "batch": 64}, "cases": [*cases, replies]}
     md = ["# accuracy — shipped classification adapters per base precision (test split)", "",
           machine_markdown(result["machine"], "per column"), "",
           "| case | fp32 | " + " | ".join(others) + " | " + " | ".join(f"{p} - fp32 (points)" for p in others) + " |",
@@ -66,4 +110,9 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     for c in cases:
         md.append(f"| {c['case']} | {c['fp32']:.4f} | " + " | ".join(f"{c[p]:.4f}" for p in others) + " | "
                   + " | ".join(f"{c[p + '_minus_fp32_points']:+.2f}" for p in others) + " |")
+    md += ["", f"support-reply, mean loss per reply token, first {reply_rows} test rows (budget: within 2 % of fp32):",
+           "", "| case | fp32 | " + " | ".join(others) + " | " + " | ".join(f"{p} / fp32" for p in others) + " |",
+           "|---" * (2 + 2 * len(others)) + "|",
+           f"| support-reply | {loss['fp32']:.4f} | " + " | ".join(f"{loss[p]:.4f}" for p in others) + " | "
+           + " | ".join(f"{replies[p + '_over_fp32']:.4f}" for p in others) + " |"]
     return result, "\n".join(md) + "\n"

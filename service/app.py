@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import logging
@@ -19,6 +18,7 @@ from service.api import adapters, classify, embeddings, health, openai
 from service.auth import KeyStore, authenticate, require_infer
 from service.config import Settings, load_settings
 from service.context import ServiceContext, build_engines
+from service.engine import compute
 from service.errors import COMMON_ERRORS, error_response, error_responses, install_error_handlers
 from service.limits import AdmissionMiddleware, KeyConcurrency
 from service.request_log import install_request_logging
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, *, classifier=None, generator=N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engines = await asyncio.to_thread(build_engines, settings, classifier, generator)
+        engines = await compute.arun(build_engines, settings, classifier, generator)  # see compute.py
         await ctx.start(engines, registry)
         await _warm_routes(app)
         # What start-up made (models, tokenizers, libraries: millions of objects) lives as long as the server:

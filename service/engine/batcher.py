@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from adapters.errors import OverloadedError, RowFailedError
+from service.engine import compute
 
 BatchCallback = Callable[[int, int, list[float]], None]
 
@@ -86,9 +87,8 @@ class ClassifyBatcher:
         self._last_arrival = float("-inf")
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # One thread owns the model (torch forward passes are not run concurrently); tokenizing has its
-        # own thread so a new request is tokenized while a batch runs, never on the event loop.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="classify-model")
+        # Forward passes run on the process's compute thread (compute.py); tokenizing has its own thread so
+        # a new request is tokenized while a batch runs, never on the event loop.
         self._token_thread = ThreadPoolExecutor(1, thread_name_prefix="classify-tokenize")
 
     @property
@@ -121,7 +121,6 @@ class ClassifyBatcher:
         self._background.clear()
         self._running.clear()
         self._tenant_tokens.clear()
-        self._model_thread.shutdown(wait=True)
         self._token_thread.shutdown(wait=True)
 
     async def submit(self, texts: str | Sequence[str] | Sequence[Sequence[int]], slot: int, tenant: str | None = None,
@@ -175,7 +174,6 @@ class ClassifyBatcher:
 
     # The loop ---------------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._pending and not self._background:
                 self._wakeup.clear()
@@ -183,7 +181,7 @@ class ClassifyBatcher:
             if self._pending:
                 await self._wait_for_more()
             for batch in self._next_batches():
-                await self._run(loop, batch)
+                await self._run(batch)
 
     async def _wait_for_more(self) -> None:
         """Wait up to max_wait after the oldest request arrived, unless a full batch is already waiting or
@@ -283,7 +281,7 @@ class ClassifyBatcher:
             batches.append(current)
         return batches
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Request, int]]) -> None:
+    async def _run(self, batch: list[tuple[_Request, int]]) -> None:
         batch = [(r, i) for r, i in batch if not r.future.done()]
         if not batch:
             return
@@ -295,7 +293,7 @@ class ClassifyBatcher:
         # Only batches with embedding rows pass `embed`: an engine that only classifies keeps run(rows, slots).
         extra = (embed,) if any(embed) else ()
         try:
-            out = await loop.run_in_executor(self._model_thread, self.engine.run, rows, slots, *extra)
+            out = await compute.arun(self.engine.run, rows, slots, *extra)
         except Exception as exc:  # a failing batch fails its own requests only; the loop goes on
             for request in requests:
                 self._finish(request, exc)

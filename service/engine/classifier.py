@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from adapters.errors import AdapterValidationError
 from adapters.format import AdapterWeights
 from adapters.pooling import Pooling
+from service.engine import compute
 from service.engine.batcher import ClassifyBatcher
 from service.engine.heads import SlotHeads, family_of
 from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
@@ -168,7 +169,11 @@ class ClassifierEngine:
 
         LoRA on a wrapped Linear goes into the slot's LoRA stacks; LoRA on a head Linear (PEFT's `dense` and
         all-linear match BERT's pooler, DeBERTa's and ModernBERT's head dense) is merged into that slot's
-        copy of the module, on top of the adapter's saved module if it has one, else the base's."""
+        copy of the module, on top of the adapter's saved module if it has one, else the base's. Runs on the
+        compute thread (compute.py), like every forward pass."""
+        compute.run(self._load_slot, slot, weights)
+
+    def _load_slot(self, slot: int, weights: AdapterWeights) -> None:
         lora = {p: m for p, m in weights.lora.items() if p in self.slots.modules}
         in_head = {p: m for p, m in weights.lora.items() if p not in self.slots.modules}
         for path in in_head:
@@ -185,6 +190,9 @@ class ClassifierEngine:
         self.heads.install(slot, modules, num_labels)
 
     def clear_slot(self, slot: int) -> None:
+        compute.run(self._clear_slot, slot)
+
+    def _clear_slot(self, slot: int) -> None:
         self.slots.clear(slot)
         self.heads.clear(slot)
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from adapters.errors import ContextLengthError, OverloadedError
 from adapters.format import AdapterWeights
+from service.engine import compute
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.decoders import decoder_for
 from service.engine.kv_cache import KVCache
@@ -218,11 +219,12 @@ class GeneratorEngine:
         return EngineStats(running=self.running, waiting=self.waiting, kv_cache_usage=self.kv_cache.usage)
 
     def load_slot(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy an adapter (`.lora`) into `slot`. The caller guarantees no running request uses it."""
-        self.slots.load(slot, weights.lora)
+        """Copy an adapter (`.lora`) into `slot`, on the compute thread. The caller guarantees no running
+        request uses it."""
+        compute.run(self.slots.load, slot, weights.lora)
 
     def clear_slot(self, slot: int) -> None:
-        self.slots.clear(slot)
+        compute.run(self.slots.clear, slot)
 
     # --- metrics --------------------------------------------------------------------------------------
     @property
@@ -318,12 +320,18 @@ class GeneratorEngine:
                     self._wake.notify()
 
     # --- engine thread --------------------------------------------------------------------------------
-    def _take_inbox(self) -> None:
+    def _take_inbox(self) -> tuple[list[Sequence], set[int]] | None:
+        """Wait for something to do; the new requests and aborts, or None when stopping."""
         with self._wake:
             while not (self._inbox or self._aborts or self.scheduler.has_work() or self._stopping):
                 self._wake.wait()
+            if self._stopping:
+                return None
             new, self._inbox = list(self._inbox), deque()
             aborts, self._aborts = set(self._aborts), deque()
+        return new, aborts
+
+    def _admit(self, new: list[Sequence], aborts: set[int]) -> None:
         for seq in new:
             if seq.seq_id in aborts:
                 self._streams.pop(seq.seq_id, None)
@@ -336,46 +344,48 @@ class GeneratorEngine:
                     self._streams.pop(seq.seq_id, None)
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            self._take_inbox()
-            if self._stopping:
-                self._fail_all(RuntimeError("the generation engine stopped"))
-                return
-            if not self.scheduler.has_work():
-                continue
-            seqs, is_prefill = self.scheduler.schedule()
-            if is_prefill:
-                now = time.perf_counter()
-                for seq in seqs:
-                    seq.queue_wait = now - seq.arrival
+        """This thread waits; each round's work (admitting, one step, emitting) runs on the compute thread
+        (compute.py: torch's threads stay fast only when one thread runs all of the model work)."""
+        while (taken := self._take_inbox()) is not None:
+            compute.run(self._round, *taken)
+        compute.run(self._fail_all, RuntimeError("the generation engine stopped"))
+
+    def _round(self, new: list[Sequence], aborts: set[int]) -> None:
+        self._admit(new, aborts)
+        if not self.scheduler.has_work():
+            return
+        seqs, is_prefill = self.scheduler.schedule()
+        if is_prefill:
+            now = time.perf_counter()
+            for seq in seqs:
+                seq.queue_wait = now - seq.arrival
+        try:
+            tokens = self.runner.run(seqs, is_prefill)
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine thread
+            log.exception("generation step failed")
+            self._fail(seqs, [exc] * len(seqs))
+            return
+        self.steps += 1
+        if self.on_step is not None:
             try:
-                tokens = self.runner.run(seqs, is_prefill)
-            except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine thread
-                log.exception("generation step failed")
-                self._fail(seqs, [exc] * len(seqs))
-                continue
-            self.steps += 1
-            if self.on_step is not None:
-                try:
-                    self.on_step(len(seqs), len({s.slot for s in seqs}))
-                except Exception:  # noqa: BLE001 - metrics must never break serving
-                    log.exception("step observer failed")
-            # A row that gave no token (non-finite logits, a sampling error) ends its own request only. The
-            # others are recorded first: freeing a failed row's KV moves other rows' caches, and those moves
-            # must include what this step wrote.
-            good = [(seq, t) for seq, t in zip(seqs, tokens, strict=True) if not isinstance(t, Exception)]
-            bad = [(seq, t) for seq, t in zip(seqs, tokens, strict=True) if isinstance(t, Exception)]
-            for seq, _ in bad:  # before any row moves: a moved row leaves its old copy behind
-                self.kv_cache.scrub(seq)
-            self.scheduler.postprocess([s for s, _ in good], [t for _, t in good])
-            self._end([s for s, _ in bad], [t for _, t in bad])
-            for seq, _ in good:
-                try:
-                    self._emit(seq)
-                except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failing on one row's ids
-                    log.exception("detokenizing a generation row failed")
-                    self._fail([seq], [exc])
+                self.on_step(len(seqs), len({s.slot for s in seqs}))
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                log.exception("step observer failed")
+        # A row that gave no token (non-finite logits, a sampling error) ends its own request only. The
+        # others are recorded first: freeing a failed row's KV moves other rows' caches, and those moves
+        # must include what this step wrote.
+        good = [(seq, t) for seq, t in zip(seqs, tokens, strict=True) if not isinstance(t, Exception)]
+        bad = [(seq, t) for seq, t in zip(seqs, tokens, strict=True) if isinstance(t, Exception)]
+        for seq, _ in bad:  # before any row moves: a moved row leaves its old copy behind
+            self.kv_cache.scrub(seq)
+        self.scheduler.postprocess([s for s, _ in good], [t for _, t in good])
+        self._end([s for s, _ in bad], [t for _, t in bad])
+        for seq, _ in good:
+            try:
+                self._emit(seq)
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failing on one row's ids
+                log.exception("detokenizing a generation row failed")
+                self._fail([seq], [exc])
 
     def _fail(self, seqs: list[Sequence], errors: list[BaseException]) -> None:
         """End these sequences, each with its error for its caller; the engine and the others go on. Their

@@ -55,7 +55,7 @@ async def test_concurrent_requests_share_batches_and_get_their_rows() -> None:
     assert sum(size for size, _, _ in stats) == 40
     assert max(distinct for _, distinct, _ in stats) > 1  # different adapters in one batch
     assert all(w >= 0 for _, _, waits in stats for w in waits)
-    assert engine.threads and all(name.startswith("classify-model") for name in engine.threads)
+    assert engine.threads == {"compute_0"}  # off the event loop, on the one compute thread (compute.py)
 
 
 async def test_oversized_request_split_and_reassembled_within_limits() -> None:

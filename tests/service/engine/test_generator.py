@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,22 @@ async def test_seeded_sampling_is_reproducible_across_batches() -> None:
         engine.shutdown()
     assert crowd[1][0] == alone[0]
     assert other[0] != alone[0]
+
+
+async def test_model_work_runs_on_the_compute_thread() -> None:
+    """Steps and slot copies run on compute.py's one thread, not on the engine's own (OpenMP's workers
+    spin only while one thread opens parallel regions): a failure here is a silent 1.4x slowdown."""
+    engine, _ = make_engine("llama")
+    seen, step = set(), engine.runner.run
+    engine.runner.run = lambda *a: seen.add(threading.current_thread().name) or step(*a)
+    clear = engine.slots.clear
+    engine.slots.clear = lambda *a: seen.add(threading.current_thread().name) or clear(*a)
+    try:
+        await collect(engine, [5, 6, 7], greedy(3))
+        engine.clear_slot(1)
+    finally:
+        engine.shutdown()
+    assert seen == {"compute_0"}
 
 
 async def test_stop_string_across_token_boundaries_and_max_tokens() -> None:

@@ -1,0 +1,192 @@
+"""single suite: one chat stream, as a user of `make serve` sees it. A real `loraswap serve` process with
+the shipped registry and the service defaults (max_rank 64, both bases), one streamed
+/v1/chat/completions request at a time, greedy, 64 new tokens, with the `support-reply` adapter and with the
+base; next to Hugging Face `generate` at batch 1 (and PEFT with the same adapter) on the same prompt, in
+this process while the server is idle. Per precision: the server with `auto` (what `make serve` runs), and
+each precision a user can set (LORASWAP_QUANTIZATION=int8, LORASWAP_DTYPE=bfloat16), each beside HF at the
+same precision (int8: torch's `quantize_dynamic`, the simplest thing a user has).
+
+ITL = the gap between streamed chunks (one per engine step, a token each); TTFT = request start to the
+first chunk. Cases run in rounds (HF, PEFT, then the server) so each precision's numbers share a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine_info, machine_markdown, median, percentile, set_threads, stop_server
+from benchmarks.server import _free_port, _wait_ready
+
+MODEL = "SmolLM2-135M-Instruct"
+ADAPTER = "support-reply"
+REGISTRY = Path(__file__).resolve().parents[1] / "registry"
+QUESTION = ("I ordered a blue jacket two weeks ago and it still has not arrived. The tracking page has not "
+            "changed for five days. Can you explain what might have happened and what I should do next?")  # fmt: skip
+# precision -> (server environment, how HF gets the same precision)
+PRECISIONS = {
+    "auto": ({}, "float32"),
+    "int8": ({"LORASWAP_QUANTIZATION": "int8"}, "int8"),
+    "bfloat16": ({"LORASWAP_DTYPE": "bfloat16"}, "bfloat16"),
+}
+
+
+def _hf_models(precision: str):
+    """(HF base, PEFT model with the shipped adapter) at `precision`, and the prompt ids."""
+    from peft import PeftModel
+
+    from adapters.bases import load_base
+    from adapters.registry import Registry
+
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    base, tok = load_base(MODEL, "generation", dtype=dtype)
+    with_adapter, _ = load_base(MODEL, "generation", dtype=dtype)
+    registry = Registry(REGISTRY)
+    folder = registry.fetch(*registry.resolve(ADAPTER))
+    peft = PeftModel.from_pretrained(with_adapter, str(folder)).eval()
+    if precision == "int8":  # the issue's anchor: torch's own dynamic int8 on every nn.Linear
+        base = torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8)
+    for m in (base, peft):
+        m.generation_config.eos_token_id = None  # exactly max_new_tokens
+    chat = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                   tokenize=False)  # fmt: skip
+    return base, peft, tok(chat, add_special_tokens=False)["input_ids"]
+
+
+def _hf_stream(model, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
+    """(TTFT, inter-token gaps) of one batch-1 `generate`."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def put(self, value) -> None:
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    clock, start = Clock(), time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0, streamer=clock)  # fmt: skip
+    stamps = clock.stamps[1:]  # the first put is the prompt
+    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def _server_stream(url: str, model: str, new_tokens: int) -> tuple[float, list[float], int]:
+    """(TTFT, gaps between streamed chunks, tokens) of one streamed chat completion."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": new_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    stamps, tokens, start = [], 0, time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)], tokens
+
+
+def _start(env_extra: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """`make serve`, on a free port: the defaults, the shipped registry, the environment's precision."""
+    port = _free_port()
+    env = {**os.environ, "LORASWAP_LOG_LEVEL": "warning", "LORASWAP_GRACE_PERIOD_S": "1", **env_extra}
+    cmd = [str(Path(sys.executable).with_name("loraswap")), "serve", "--port", str(port), "--registry", str(REGISTRY)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _row(case: str, precision: str, runs: list[tuple[float, list[float]]], tokens: int) -> dict:
+    gaps = [g for _, g in runs for g in g]
+    return {"case": case, "precision": precision, "requests": len(runs), "tokens": tokens,
+            "itl_p50_ms": 1e3 * median(gaps), "itl_p90_ms": 1e3 * percentile(gaps, 90),
+            "ttft_p50_ms": 1e3 * median([t for t, _ in runs])}  # fmt: skip
+
+
+def _precision(precision: str, new_tokens: int, reps: int, tmp: Path) -> list[dict]:
+    env, hf_precision = PRECISIONS[precision]
+    base, peft, prompt = _hf_models(hf_precision)
+    _hf_stream(base, prompt, 4)  # warm-up
+    hf = [_hf_stream(base, prompt, new_tokens) for _ in range(reps)]
+    pf = [_hf_stream(peft, prompt, new_tokens) for _ in range(reps)] if hf_precision != "int8" else []
+    del base, peft
+    log = tmp / f"serve-{precision}.log"
+    proc, url = _start(env, log)
+    try:
+        _wait_ready(proc, url, log)
+        for model in (MODEL, ADAPTER):  # warm-up: the adapter's first load, the first steps
+            _server_stream(url, model, 4)
+        ours = {m: [_server_stream(url, m, new_tokens) for _ in range(reps)] for m in (MODEL, ADAPTER)}
+    finally:
+        stop_server(proc)
+    rows = [_row(f"hf_generate_{precision}", hf_precision, hf, new_tokens)]
+    if pf:
+        rows.append(_row(f"peft_adapter_{precision}", hf_precision, pf, new_tokens))
+    for model, name in ((MODEL, "base"), (ADAPTER, "adapter")):
+        runs = ours[model]
+        rows.append(_row(f"server_{name}_{precision}", precision, [(t, g) for t, g, _ in runs],
+                         min(n for _, _, n in runs)))  # fmt: skip
+    return rows
+
+
+def run(device: str, quick: bool) -> tuple[dict, str]:
+    if device != "cpu":
+        raise SystemExit("the single suite measures the CPU service (the GPU's is in benchmarks/gpu)")
+    set_threads(device, quick)
+    new_tokens, reps = (4, 1) if quick else (64, 3)
+    precisions = ["auto"] if quick else list(PRECISIONS)
+    from service.config import Settings
+
+    chosen = {p: str(Settings(**{k.removeprefix("LORASWAP_").lower(): v for k, v in PRECISIONS[p][0].items()})
+                     .resolved_precision("generation")) for p in precisions}  # what each server logs at start-up
+    result = {"suite": "single", "quick": quick, "machine": machine_info(device),
+              "setup": {"dtype": "float32", "model": MODEL, "adapter": ADAPTER, "new_tokens": new_tokens,
+                        "requests_per_case": reps, "precisions": chosen, "flags": _flags()}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        result["cases"] = [row for p in precisions for row in _precision(p, new_tokens, reps, Path(tmp))]
+    return result, _markdown(result)
+
+
+def _flags() -> str:
+    from service.engine.precision import cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in cpu_flags()) or "none of AVX2/AVX-512/VNNI/AMX"
+
+
+def _markdown(r: dict) -> str:
+    s = r["setup"]
+    lines = [
+        f"# single suite: one chat stream ({r['machine']['device']}, {'quick' if r['quick'] else 'full'})",
+        "",
+        machine_markdown(r["machine"], "precision per row"),
+        f"- CPU flags that choose kernels: {s['flags']}",
+        f"- {s['model']}, greedy, {s['new_tokens']} new tokens, {s['requests_per_case']} requests per case; "
+        f"server = `loraswap serve` with the defaults and the shipped registry ({s['adapter']} for the adapter "
+        "rows), streamed /v1/chat/completions over HTTP; HF/PEFT = `generate` at batch 1 in the benchmark process.",
+        "",
+        "| case | precision | ITL p50 ms | ITL p90 ms | TTFT p50 ms | tokens |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for c in r["cases"]:
+        lines.append(f"| {c['case']} | {c['precision']} | {c['itl_p50_ms']:.1f} | {c['itl_p90_ms']:.1f} | "
+                     f"{c['ttft_p50_ms']:.1f} | {c['tokens']} |")  # fmt: skip
+    lines.append("")
+    lines += [f"- server `{p}`: {chosen}" for p, chosen in s["precisions"].items()]
+    return "\n".join(lines) + "\n"
