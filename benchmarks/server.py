@@ -1,11 +1,14 @@
-"""server suite: /v1/classify end to end over HTTP — a real `loraswap serve` process, an aiohttp load
-generator at concurrency 1/16/64, every request naming one of 32 adapters (8 with --quick) round-robin —
-next to the engine's raw throughput on the same texts and adapters, measured in the same run.
+"""server suite: /v1/classify end to end over HTTP — a real `loraswap serve` process with the service's
+`max_rank` (64), an aiohttp load generator at concurrency 1/16/64, every request naming one of 32 adapters
+(8 with --quick) of mixed ranks (16, 8, 4 in turn) round-robin; then concurrency 64 on one rank-16 adapter
+(mixed / one adapter: what mixing ranks costs over HTTP) — next to the engine's raw throughput on the same
+texts and adapters, measured in the same run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import shutil
@@ -22,7 +25,7 @@ from benchmarks.common import machine_info, machine_markdown, median, percentile
 
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "validation.jsonl"
-RANK = 16
+RANKS = (16, 8, 4)  # adapter i has rank RANKS[i % 3]: bench-0, the one-adapter case, the largest
 
 
 def _texts(n: int) -> list[str]:
@@ -31,8 +34,8 @@ def _texts(n: int) -> list[str]:
 
 
 def _publish_adapters(registry: Path, n: int) -> None:
-    """n random (non-zero) adapters on the embedded MiniLM, published like trained ones: PEFT saves one,
-    each copy gets its own random lora_B and head, then is imported and published."""
+    """n random (non-zero) adapters on the embedded MiniLM, published like trained ones: PEFT saves one per
+    rank, each copy gets its own random lora_B and head, then is imported and published."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
@@ -43,17 +46,18 @@ def _publish_adapters(registry: Path, n: int) -> None:
 
     base, _ = load_base(DEFAULT_ENCODER, "classification", num_labels=2)
     info = describe_base(base, DEFAULT_ENCODER, "classification")
-    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=2 * RANK,
-                                            target_modules=ALL_LINEARS))  # fmt: skip
     reg = Registry(registry)
     work = Path(tempfile.mkdtemp())
     try:
-        model.save_pretrained(work / "src")
-        saved = load_file(work / "src" / WEIGHTS_FILE)
+        for r in RANKS:
+            model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r,
+                                                                   target_modules=ALL_LINEARS))  # fmt: skip
+            model.save_pretrained(work / f"src{r}")
         for i in range(n):
-            g = torch.Generator().manual_seed(i)
+            g, src = torch.Generator().manual_seed(i), work / f"src{RANKS[i % len(RANKS)]}"
+            saved = load_file(src / WEIGHTS_FILE)
             folder = work / f"a{i}"
-            shutil.copytree(work / "src", folder)
+            shutil.copytree(src, folder)
             fresh = {k: torch.randn(t.shape, generator=g) * 0.02 for k, t in saved.items()}
             tensors = {k: fresh[k] if "lora_B" in k or "classifier" in k else t for k, t in saved.items()}
             save_file(tensors, folder / WEIGHTS_FILE)
@@ -93,7 +97,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _load(url: str, texts: list[str], n_adapters: int, concurrency: int, seconds: float) -> dict:
+async def _load(url: str, texts: list[str], n_adapters: int, concurrency: int, seconds: float,
+                case: str | None = None) -> dict:  # fmt: skip
     """`concurrency` clients, each sending one request after the other until `seconds` have passed
     (at least one each: with seconds=0, client w sends one request, to adapter w).
 
@@ -127,7 +132,7 @@ async def _load(url: str, texts: list[str], n_adapters: int, concurrency: int, s
         start = time.perf_counter()
         await asyncio.gather(*(client(w, http, start + seconds) for w in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"case": f"http_concurrency_{concurrency}", "concurrency": concurrency, "requests": len(latencies),
+    return {"case": case or f"http_concurrency_{concurrency}", "concurrency": concurrency, "requests": len(latencies),
             "errors": errors, "throughput_rps": len(latencies) / elapsed, "p50_ms": median(latencies) * 1e3,
             "p99_ms": percentile(latencies, 99) * 1e3}  # fmt: skip
 
@@ -181,7 +186,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     texts = _texts(256)
     result = {"suite": "server", "quick": quick, "machine": machine_info(device),
               "setup": {"dtype": "float32", "model": "all-MiniLM-L6-v2 (embedded)", "adapters": n_adapters,
-                        "rank": RANK, "targets": ALL_LINEARS, "seconds_per_level": seconds, "levels": levels,
+                        "ranks": list(RANKS), "max_rank": 64, "targets": ALL_LINEARS, "seconds_per_level": seconds, "levels": levels,
                         "engine_batch": batch,
                         "texts": "SST-2 validation sentences, one per request"}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,10 +204,12 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
             if warm["errors"]:
                 raise RuntimeError(f"{warm['errors']} of {n_adapters} warm-up requests failed; {_tail(log)}")
             cases = [asyncio.run(_load(url, texts, n_adapters, c, seconds)) for c in levels]
+            one = asyncio.run(_load(url, texts, 1, levels[-1], seconds, f"http_one_adapter_{levels[-1]}"))
         finally:
             stop_server(proc)
-    result["cases"] = [*cases, engine]
+    result["cases"] = [*cases, one, engine]
     result["server_over_engine"] = cases[-1]["throughput_rps"] / engine["seq_per_s"]
+    result["mixed_over_one"] = cases[-1]["throughput_rps"] / one["throughput_rps"]
     return result, _markdown(result)
 
 
@@ -213,7 +220,8 @@ def _markdown(r: dict) -> str:
         "",
         machine_markdown(r["machine"], s["dtype"]),
         f"- /v1/classify over HTTP (real uvicorn process, one text per request, {s['adapters']} adapters "
-        f"r={s['rank']} on all encoder linears, requests round-robin over them), "
+        f"of ranks {'/'.join(map(str, s['ranks']))} in turn on all encoder linears, slots of max_rank "
+        f"{s['max_rank']}, requests round-robin over them), "
         f"{s['seconds_per_level']:.1f} s per level. Engine = ClassifierEngine.classify on batches of "
         f"{s['engine_batch']} of the same texts, same adapters.",
         "",
@@ -224,5 +232,7 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {c['case']} | {c['requests']} | {c['errors']} | {c['throughput_rps']:.1f} | "
                      f"{c['p50_ms']:.1f} | {c['p99_ms']:.1f} |")  # fmt: skip
     lines += ["", f"Engine raw: {engine['seq_per_s']:.1f} seq/s. Server at concurrency {s['levels'][-1]} / "
-              f"engine = **{r['server_over_engine']:.2f}x** (target >= 0.7x).", ""]  # fmt: skip
+              f"engine = **{r['server_over_engine']:.2f}x** (target >= 0.7x). Mixed ranks over "
+              f"{s['adapters']} adapters / one rank-{s['ranks'][0]} adapter at concurrency {s['levels'][-1]} = "
+              f"**{r['mixed_over_one']:.2f}x** (target >= 0.85x).", ""]  # fmt: skip
     return "\n".join(lines)

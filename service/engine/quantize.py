@@ -1,5 +1,14 @@
-"""int8 base linears for CPU serving: weights stored as int8 (per output channel), activations quantized
-per call (dynamic quantization), through torch's own quantized linear (fbgemm/oneDNN, `torch.ops.quantized`).
+"""Quantized base linears for CPU serving: int8 (weights per output channel, activations quantized per call)
+through torch's own quantized linear, and int4 weight-only (groups of 32, activations in bf16) through torch's
+CPU int4 matmul (`_weight_int4pack_mm_for_cpu`). `prepare_block_linears` is what the engines call.
+
+int4: the embedded SmolLM2 ships as a Q4_1 GGUF (blocks of 32 weights on a 4-bit grid with a scale and an
+offset each), so its dequantized weights fit the same grid again: quantizing them loses only the bf16
+rounding of the scale and offset and of the activations (support-reply's reply loss 1.08827 fp32 vs 1.08832
+int4 on 40 test rows; benchmarks/results/accuracy-cpu-*.md has the full split). `auto` takes int4 only for
+such linears ("lossless": relative error of the re-quantized weight <= 2^-8, bf16's own) and only on AVX-512
+CPUs, where it was measured (the 210 SmolLM2 block linears at one row: 4.2 ms against 20.5 ms fp32 packed,
+16 rows 21.9 vs 27.1 ms; benchmarks/README.md, "int4"); a base with weights of its own (MiniLM) stays fp32.
 
 Measured on the project's AMD EPYC (AVX2; 2 cores shared with other work, load average 6-12, so only
 same-run comparisons mean anything; one SmolLM2-135M forward of N one-token rows, 1 thread, best of 4):
@@ -23,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from service.engine.lora import base_features
 from service.engine.lora_model import matches_target
-from service.engine.packed_linear import plain_cpu_linear
+from service.engine.packed_linear import pack_block_linears, plain_cpu_linear
 
 
 def can_quantize(module: nn.Module) -> bool:
@@ -64,12 +73,85 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, int8 dynamic"
 
 
+INT4_GROUP = 32
+LOSSLESS = 2.0**-8  # relative error of a re-quantized weight that bf16 rounding alone would cause
+
+
+def can_int4(module: nn.Module) -> bool:
+    """A plain fp32 CPU linear whose shapes the int4 kernel takes, on a torch that has it."""
+    if not (plain_cpu_linear(module) and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+        return False
+    in_features, out_features = base_features(module)
+    return in_features % INT4_GROUP == 0 and out_features % 16 == 0
+
+
+class Int4Linear(nn.Module):
+    """y ~= x W^T + b with W held as 4-bit values in groups of 32 along the input, each group with its own
+    scale and offset (w = (q - 8) * scale + zero, q in 0..15, torch's int4 convention), x cast to bf16 for
+    the kernel and y returned in fp32 (inference only)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base_features(base)
+        weight = base.weight.detach().float()
+        if isinstance(base, Conv1D):
+            weight = weight.t()
+        groups = weight.reshape(self.out_features, -1, INT4_GROUP)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        q = torch.round((groups - lo) / scale).clamp_(0, 15)
+        # [in / 32, out, 2] in bf16, as the kernel takes them
+        self.scales_and_zeros = torch.cat([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().bfloat16()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).reshape(self.out_features, self.in_features), 1
+        )
+        self.bias = None if base.bias is None else base.bias.detach().float()
+        sz = self.scales_and_zeros.float().transpose(0, 1)  # what the kernel multiplies by, back in fp32
+        dequantized = ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape_as(weight)
+        self.error = float((dequantized - weight).norm() / weight.norm().clamp_min(1e-30))
+        self.nbytes = weight.numel() // 2 + self.scales_and_zeros.numel() * 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).bfloat16(), self.packed, INT4_GROUP, self.scales_and_zeros
+        )
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, int4 g{INT4_GROUP}"
+
+
+def _replace(model: nn.Module, make) -> int:
+    """Each linear inside the model's transformer blocks (MultiLoraLinear bases included) for which
+    `make(module)` returns a module is replaced by it, in place; returns how many were. Heads, poolers and a
+    (possibly tied) lm_head stay as they are, like `packed_linear.pack_block_linears`."""
+    done = 0
+    for path, module in list(model.named_modules()):
+        if matches_target(path, None) and (new := make(module)) is not None:
+            parent_path, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), name, new)
+            done += 1
+    return done
+
+
 def quantize_block_linears(model: nn.Module) -> int:
-    """Replace every quantizable linear inside the model's transformer blocks (MultiLoraLinear bases
-    included) with an Int8Linear, in place. Returns how many were replaced. Heads, poolers and a (possibly
-    tied) lm_head stay as they are, like `packed_linear.pack_block_linears`."""
-    chosen = [(path, m) for path, m in model.named_modules() if matches_target(path, None) and can_quantize(m)]
-    for path, module in chosen:
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, Int8Linear(module))
-    return len(chosen)
+    """Every quantizable block linear as an Int8Linear; how many were replaced."""
+    return _replace(model, lambda m: Int8Linear(m) if can_quantize(m) else None)
+
+
+def prepare_block_linears(model: nn.Module, quantization: str) -> str:
+    """The engines' base block linears for `quantization` (precision.py): "int8", "int4" (every linear the
+    kernel takes), "int4-lossless" (only those whose weights already are 4-bit), "none"; whatever is left
+    is oneDNN-packed where that applies. Returns what was done, for the start-up log."""
+    if quantization == "int8":
+        return f"{quantize_block_linears(model)} block linears int8"
+    int4 = 0
+    if quantization in ("int4", "int4-lossless"):
+        def make(m: nn.Module) -> nn.Module | None:
+            new = Int4Linear(m) if can_int4(m) else None
+            return new if new is not None and (quantization == "int4" or new.error <= LOSSLESS) else None
+
+        int4 = _replace(model, make)
+    packed = pack_block_linears(model)
+    return f"{int4} block linears int4, {packed} fp32 packed"

@@ -32,7 +32,8 @@ EXPECTED = {
              "peft_load_adapter_10_resident",
              "peft_load_to_first_answer_1_resident", "peft_load_to_first_answer_10_resident", "churn",
              "ours_forward_1_text_1_resident", "read_forward_bytes_1_resident"},
-    "server": {"http_concurrency_1", "http_concurrency_16", "http_concurrency_64", "engine_raw"},
+    "server": {"http_concurrency_1", "http_concurrency_16", "http_concurrency_64", "http_one_adapter_64",
+               "engine_raw"},
     "fairness": {"fair", "fifo"},
     "overload": {"bounded", "unbounded"},
     "families-gen": {"llama", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"},
@@ -41,7 +42,8 @@ EXPECTED = {
                 "bert_prefill.ffn_in.grouped_mm.r4", "gpt2_decode.c_attn.base", "gpt2_decode.c_attn.bmm.r4"},
     "accuracy": {"sentiment", "finance-sentiment", "support-intent", "support-reply"},
     "rank": {"decode_16rows_fp32", "decode_16rows_int8", "classify_64x64_32adapters_fp32"},
-    "single": {"hf_generate_auto", "peft_adapter_auto", "server_base_auto", "server_adapter_auto"},
+    "single": {"hf_generate_auto", "peft_adapter_auto", "server_base_auto", "server_adapter_auto",
+               "server_2_streams_auto"},
 }  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Tests for service/engine/quantize.py (int8 base linears) and precision.py (the `auto` choice).
+"""Tests for service/engine/quantize.py (int8 and int4 base linears) and precision.py (the `auto` choice).
 
 Oracle for int8: PEFT on the same int8 base (its base layers swapped for the same Int8Linear kernel).
 Activations are quantized per call over the whole input, so only a batch PEFT sees identically (one
@@ -19,7 +19,15 @@ from transformers.pytorch_utils import Conv1D
 from service.config import Settings
 from service.engine.lora_model import inject_multi_lora, matches_target
 from service.engine.precision import choose
-from service.engine.quantize import Int8Linear, can_quantize, quantize_block_linears
+from service.engine.quantize import (
+    INT4_GROUP,
+    LOSSLESS,
+    Int4Linear,
+    Int8Linear,
+    can_quantize,
+    prepare_block_linears,
+    quantize_block_linears,
+)
 
 AVX2 = frozenset({"avx2", "fma"})
 VNNI = AVX2 | {"avx512f", "avx512_vnni"}
@@ -84,11 +92,14 @@ def test_int8_engine_base_matches_peft_on_the_same_int8_base() -> None:
     "device, task, dtype, quant, flags, want",
     [
         # AMX-BF16: bf16 is an opt-in until its accuracy is measured on such a CPU; auto stays fp32
-        ("cpu", "generation", "auto", "auto", AMX, (torch.float32, "none")),
-        ("cpu", "classification", "auto", "auto", AMX, (torch.float32, "none")),
+        # AVX-512: int4 where the weights already are 4-bit (measured there); AVX2 only: fp32
+        ("cpu", "generation", "auto", "auto", AMX, (torch.float32, "int4-lossless")),
+        ("cpu", "classification", "auto", "auto", AMX, (torch.float32, "int4-lossless")),
         ("cpu", "generation", "bfloat16", "auto", AMX, (torch.bfloat16, "none")),
-        ("cpu", "classification", "auto", "auto", VNNI, (torch.float32, "none")),
+        ("cpu", "classification", "auto", "auto", VNNI, (torch.float32, "int4-lossless")),
         ("cpu", "classification", "auto", "auto", AVX2, (torch.float32, "none")),
+        ("cpu", "generation", "auto", "auto", AVX2, (torch.float32, "none")),
+        ("cpu", "generation", "auto", "int4", AVX2, (torch.float32, "int4")),
         ("cpu", "generation", "auto", "int8", AVX2, (torch.float32, "int8")),
         ("cpu", "generation", "float32", "auto", AMX, (torch.float32, "none")),  # an explicit dtype wins
         ("cpu", "generation", "auto", "none", AMX, (torch.float32, "none")),
@@ -107,6 +118,8 @@ def test_bad_combinations_are_refused() -> None:
         choose("cuda", "generation", "auto", "int8")
     with pytest.raises(ValueError, match="float32"):
         choose("cpu", "generation", "bfloat16", "int8")
+    with pytest.raises(ValueError, match="CPU only"):
+        choose("cuda", "generation", "auto", "int4")
 
 
 def test_quantization_setting_from_env(monkeypatch) -> None:
@@ -115,6 +128,83 @@ def test_quantization_setting_from_env(monkeypatch) -> None:
     s = Settings()
     assert s.quantization == "int8"
     assert s.resolved_precision("classification").quantization == "int8"
-    monkeypatch.setenv("LORASWAP_QUANTIZATION", "int4")
+    monkeypatch.setenv("LORASWAP_QUANTIZATION", "int3")
     with pytest.raises(ValueError):
         Settings()
+
+
+def _on_4bit_grid(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """Weights as a Q4_1 GGUF holds them: per group of 32 along the input, q * d + m with q in 0..15, where
+    d = (max - min) / 15 and m = min, so each group holds a 0 and a 15 (its min and its max)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out_features, in_features // INT4_GROUP, INT4_GROUP), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    d = 0.01 + 0.01 * torch.rand(out_features, in_features // INT4_GROUP, 1, generator=g)
+    m = -8 * d + 0.002 * torch.randn(out_features, in_features // INT4_GROUP, 1, generator=g)
+    return (q * d + m).reshape(out_features, in_features)
+
+
+def test_int4_linear_on_4bit_weights_is_the_linear_up_to_bf16() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(128, 48)
+    with torch.no_grad():
+        base.weight.copy_(_on_4bit_grid(48, 128))
+    q = Int4Linear(base)
+    assert q.error <= LOSSLESS  # back on its grid: only the bf16 scale/offset rounding is lost
+    x = torch.randn(5, 3, 128)
+    with torch.no_grad():
+        want = nn.functional.linear(x, base.weight, base.bias)
+        got = q(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    # x and the group scale/offset are rounded to bf16 (relative 2^-8 each); sums of 128 products of
+    # independent errors grow like sqrt(128): bound at 2^-8 * sqrt(128) * max|x| * max|w| * 4.
+    bound = 2.0**-8 * 128**0.5 * float(x.abs().max() * base.weight.abs().max()) * 4
+    assert (got - want).abs().max() < bound
+    assert q.nbytes < base.weight.numel() * 4 / 5  # ~1/8 of fp32 plus the group scales
+
+
+def test_int4_lossless_takes_only_weights_already_on_the_grid() -> None:
+    torch.manual_seed(0)
+    model = _tiny_llama()
+    layer0 = model.model.layers[0]
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(layer0.self_attn, name)
+            lin.weight.copy_(_on_4bit_grid(*lin.weight.shape, seed=len(name)))
+    summary = prepare_block_linears(model, "int4-lossless")
+    assert summary.startswith("4 block linears int4")  # layer 0's attention; its normal-random MLP is not
+    assert isinstance(layer0.self_attn.q_proj, Int4Linear) and not isinstance(layer0.mlp.up_proj, Int4Linear)
+    assert Int4Linear(nn.Linear(64, 32)).error > 10 * LOSSLESS  # random fp32 weights: far off any grid
+    every = _tiny_llama()
+    assert prepare_block_linears(every, "int4").startswith("14 block linears int4")  # asked for: all of them
+
+
+def test_int4_engine_base_matches_peft_on_the_same_weights() -> None:
+    """Weights on a 4-bit grid (as the embedded SmolLM2): the int4 engine base with a LoRA slot against
+    PEFT on the fp32 base. Only bf16 rounding differs (activations into the kernel, group scales)."""
+    torch.manual_seed(1)
+    base = _tiny_llama()
+    with torch.no_grad():
+        for path, module in base.named_modules():
+            if matches_target(path, None) and isinstance(module, nn.Linear):
+                module.weight.copy_(_on_4bit_grid(*module.weight.shape, seed=len(path)))
+    oracle = _tiny_llama()
+    oracle.load_state_dict(base.state_dict())
+    peft_model = get_peft_model(oracle, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).eval()
+    randomize_peft(peft_model, 0.2)
+    from adapters.peft import LoraModule
+
+    lora = {path.removeprefix("base_model.model."): LoraModule(m.lora_A["default"].weight.detach(),
+                                                              m.lora_B["default"].weight.detach(), 2.0)
+            for path, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}  # fmt: skip
+    slots = inject_multi_lora(base, None, num_slots=2, max_rank=8)
+    slots.load(1, lora)
+    assert prepare_block_linears(base, "int4-lossless").startswith("14 block linears int4")
+    ids = torch.randint(1, 100, (3, 9))
+    with torch.no_grad(), slots.use(torch.ones(3, dtype=torch.long)):
+        got = base(input_ids=ids).logits
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    # bf16 rounding (2^-8 relative) of every linear's input, through 2 layers: ~1 % of the logits' scale
+    torch.testing.assert_close(got, want, atol=0.02 * float(want.abs().max()), rtol=0)
+    assert not torch.equal(got, want)  # the int4 kernel did run (bf16 leaves its mark)
