@@ -1,5 +1,5 @@
 """accuracy suite: every shipped classification adapter in registry/ served by the ClassifierEngine under
-each base precision (fp32, int8 block linears, bf16), accuracy on its test split, with the budget check
+each base precision (fp32, int8 block linears, bf16, int4 block linears), accuracy on its test split, with the budget check
 (within 0.5 point of fp32). The rows are what the server answers, batch of 64 texts, all on one adapter.
 Generation: support-reply's mean loss on the reply tokens of its test split (the recipe's chat format and
 256-token limit), teacher-forced through the GeneratorEngine's own model and runner under each precision,
@@ -19,7 +19,10 @@ from benchmarks.common import machine_info, machine_markdown, set_threads
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 ADAPTERS = {"sentiment": "sst2", "finance-sentiment": "financial_phrasebank", "support-intent": "banking77"}
-PRECISIONS = {"fp32": (torch.float32, "none"), "int8": (torch.float32, "int8"), "bf16": (torch.bfloat16, "none")}
+# int4: every block linear the kernel takes (`quantization=int4`); `auto` on AVX-512 takes int4 only where
+# lossless (quantize.py): the decoder's column is then "int4", the encoders' "fp32".
+PRECISIONS = {"fp32": (torch.float32, "none"), "int8": (torch.float32, "int8"), "bf16": (torch.bfloat16, "none"),
+              "int4": (torch.float32, "int4")}  # fmt: skip
 
 
 def _accuracy(name: str, precision: str, limit: int | None) -> float:

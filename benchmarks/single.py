@@ -153,9 +153,9 @@ def _llamacpp(new_tokens: int, reps: int, streams: int) -> list[dict]:
                           "-ntg", str(new_tokens), "-npl", str(streams), "--output-format", "jsonl"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     many = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    return [{"case": "llamacpp_1_stream", "precision": one["model_type"], "requests": reps, "tokens": new_tokens,
+    return [{"case": "llamacpp_1_stream", "requests": reps, "tokens": new_tokens,
              "itl_mean_ms": 1e3 / float(one["avg_ts"])},
-            {"case": f"llamacpp_{streams}_streams", "precision": one["model_type"], "streams": streams,
+            {"case": f"llamacpp_{streams}_streams", "streams": streams,
              "tokens": streams * new_tokens, "tokens_per_s": streams * new_tokens / many["t"],
              "decode_tokens_per_s": many["speed_tg"]}]  # fmt: skip
 
@@ -170,9 +170,9 @@ def _start(env_extra: dict, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _row(case: str, precision: str, runs: list[tuple[float, list[float]]], tokens: int) -> dict:
+def _row(case: str, runs: list[tuple[float, list[float]]], tokens: int) -> dict:
     gaps = [g for _, g in runs for g in g]
-    return {"case": case, "precision": precision, "requests": len(runs), "tokens": tokens,
+    return {"case": case, "requests": len(runs), "tokens": tokens,
             "itl_p50_ms": 1e3 * median(gaps), "itl_p90_ms": 1e3 * percentile(gaps, 90),
             "ttft_p50_ms": 1e3 * median([t for t, _ in runs])}  # fmt: skip
 
@@ -194,14 +194,13 @@ def _precision(precision: str, new_tokens: int, reps: int, streams: int, tmp: Pa
         many = asyncio.run(_server_streams(url, [MODEL, ADAPTER] * (streams // 2), new_tokens))
     finally:
         stop_server(proc)
-    rows = [_row(f"hf_generate_{precision}", hf_precision, hf, new_tokens)]
+    rows = [_row(f"hf_generate_{precision}", hf, new_tokens)]
     if pf:
-        rows.append(_row(f"peft_adapter_{precision}", hf_precision, pf, new_tokens))
+        rows.append(_row(f"peft_adapter_{precision}", pf, new_tokens))
     for model, name in ((MODEL, "base"), (ADAPTER, "adapter")):
         runs = ours[model]
-        rows.append(_row(f"server_{name}_{precision}", precision, [(t, g) for t, g, _ in runs],
-                         min(n for _, _, n in runs)))  # fmt: skip
-    rows.append({"case": f"server_{streams}_streams_{precision}", "precision": precision, **many})
+        rows.append(_row(f"server_{name}_{precision}", [(t, g) for t, g, _ in runs], min(n for _, _, n in runs)))
+    rows.append({"case": f"server_{streams}_streams_{precision}", **many})
     return rows
 
 
@@ -231,6 +230,14 @@ def _flags() -> str:
     return " ".join(f for f in wanted if f in cpu_flags()) or "none of AVX2/AVX-512/VNNI/AMX"
 
 
+def _precision_of(case: str) -> str:
+    """What a row ran in: HF/PEFT at the precision HF gets for the setting, the server at the setting."""
+    if case.startswith("llamacpp"):
+        return "Q4_1 GGUF"
+    setting = next(p for p in PRECISIONS if case.endswith(f"_{p}"))
+    return PRECISIONS[setting][1] if case.startswith(("hf_", "peft_")) else setting
+
+
 def _markdown(r: dict) -> str:
     s = r["setup"]
     lines = [
@@ -248,7 +255,7 @@ def _markdown(r: dict) -> str:
     cell = lambda c, key: f"{c[key]:.1f}" if key in c else "-"  # noqa: E731
     for c in r["cases"]:
         itl = cell(c, "itl_mean_ms") + " (mean)" if "itl_mean_ms" in c else cell(c, "itl_p50_ms")
-        lines.append(f"| {c['case']} | {c['precision']} | {itl} | {cell(c, 'itl_p90_ms')} | "
+        lines.append(f"| {c['case']} | {_precision_of(c['case'])} | {itl} | {cell(c, 'itl_p90_ms')} | "
                      f"{cell(c, 'ttft_p50_ms')} | {c['tokens']} | {cell(c, 'tokens_per_s')} |")  # fmt: skip
     lines.append("")
     if not any(c["case"].startswith("llamacpp") for c in r["cases"]):
