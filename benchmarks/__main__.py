@@ -1,5 +1,5 @@
 """Benchmark runner:
-`python -m benchmarks run [--suite cls|gen|load|server|fairness|families-gen|families-cls|kernels|overload|accuracy|rank|single|all] [--device cpu|cuda] [--quick] [--out DIR]`.
+`python -m benchmarks run [--suite cls|gen|load|server|fairness|families-gen|families-cls|kernels|overload|accuracy|rank|single|linears|all] [--device cpu|cuda] [--quick] [--out DIR]`.
 A suite is a module in SUITES with `run(device: str, quick: bool) -> (result dict, markdown str)`; each
 run writes <DIR, default benchmarks/results>/<suite>-<device>-<date>.json and .md.
 """
@@ -30,6 +30,7 @@ SUITES = {
     "accuracy": "benchmarks.accuracy",
     "rank": "benchmarks.rank",
     "single": "benchmarks.single",
+    "linears": "benchmarks.linears",
 }
 
 

@@ -57,6 +57,14 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def kernel_flags() -> str:
+    """The CPU flags that decide which kernels are fast (and what `auto` picks), for result headers."""
+    from service.engine.precision import cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in cpu_flags()) or "none of AVX2/AVX-512/VNNI/AMX"
+
+
 def machine_markdown(m: dict, dtype: str) -> str:
     """One markdown line naming the machine, for every suite's header."""
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""

@@ -31,7 +31,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, machine_markdown, median, percentile, set_threads, stop_server
+from benchmarks.common import (
+    kernel_flags,
+    machine_info,
+    machine_markdown,
+    median,
+    percentile,
+    set_threads,
+    stop_server,
+)
 from benchmarks.server import _free_port, _wait_ready
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -216,18 +224,11 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
                      .resolved_precision("generation")) for p in precisions}  # what each server logs at start-up
     result = {"suite": "single", "quick": quick, "machine": machine_info(device),
               "setup": {"dtype": "float32", "model": MODEL, "adapter": ADAPTER, "new_tokens": new_tokens,
-                        "requests_per_case": reps, "precisions": chosen, "flags": _flags()}}  # fmt: skip
+                        "requests_per_case": reps, "precisions": chosen, "flags": kernel_flags()}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         result["cases"] = [row for p in precisions for row in _precision(p, new_tokens, reps, streams, Path(tmp))]
     result["cases"] += _llamacpp(new_tokens, reps, streams)
     return result, _markdown(result)
-
-
-def _flags() -> str:
-    from service.engine.precision import cpu_flags
-
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in cpu_flags()) or "none of AVX2/AVX-512/VNNI/AMX"
 
 
 def _precision_of(case: str) -> str:

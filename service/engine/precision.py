@@ -1,18 +1,16 @@
 """Which precision a base is served in: the `dtype` and `quantization` settings, with `auto` chosen by what
 the CPU can do (its flags, never its vendor), per task, and logged at start-up by the caller.
 
-Measured (benchmarks/README.md, "precision"): on the project's AMD EPYC (AVX2, no AVX-512/AMX) bf16
-matmuls ran ~3x slower than fp32; where AMX-BF16 exists bf16 should be faster (the issue's Intel Xeon
-numbers), but its accuracy on the shipped adapters is not measured yet, so `auto` stays fp32 on every CPU and
-bf16 is an opt-in. int8 (quantize.py) is never chosen by `auto` yet: it was not measurably
-faster here, it raised SmolLM2's loss far past the budget (activation outliers in the MLP), and its
-activations are quantized per call over the whole batch, so a row's result depends on its batch mates;
-`quantization=int8` opts in (VNNI/AMX-INT8 machines: unmeasured).
-int4 (quantize.py): on CPUs with AVX-512, where torch's int4 kernel was measured ~5x faster than fp32 at
-one row, `auto` asks for "int4-lossless": int4 for the block linears whose weights already are 4-bit (the
-embedded SmolLM2, shipped as Q4_1), fp32 for the rest, so `auto` costs no accuracy. AVX2-only CPUs keep
-fp32 (the kernel is unmeasured there); `quantization=int4` makes every block linear int4 (lossy on other
-bases).
+Measured (benchmarks/README.md, "single", "linears", "int4"): on an AMD EPYC with AVX2 only bf16 matmuls
+ran ~3x slower than fp32, and on one with AVX-512/AVX512-BF16 a served bf16 token was no faster than fp32;
+where AMX-BF16 exists bf16 should be faster (the issue's Intel Xeon numbers), but it is unmeasured there, so
+bf16 is an opt-in everywhere. int8 (quantize.py) is never chosen by `auto`: it costs accuracy far past the
+budget (support-reply's reply loss +80 %, activation outliers in the MLP), and its activations are quantized
+per call over the whole batch, so a row's result depends on its batch mates; `quantization=int8` opts in.
+int4 (quantize.py): on CPUs with AVX-512, where torch's int4 kernel was measured ~5x faster than fp32 at one
+row, `auto` asks for "int4-lossless": int4 for the block linears whose weights already are 4-bit (the
+embedded SmolLM2, shipped as Q4_1), fp32 for the rest, so `auto` costs no accuracy. AVX2-only CPUs keep fp32
+(the kernel is unmeasured there); `quantization=int4` makes every block linear int4 (lossy on other bases).
 """
 
 from __future__ import annotations
@@ -73,6 +71,4 @@ def choose(device: str, task: str, dtype: str = "auto", quantization: str = "aut
     flags = cpu_flags() if flags is None else flags
     if quantization == "auto" and ("avx512f" in flags or "avx512" in flags):
         return Precision(torch.float32, "int4-lossless", "auto: AVX-512, int4 only where the weights already are 4-bit")
-    if "amx_bf16" in flags:  # fast, but its accuracy table is not measured yet: an opt-in (dtype=bfloat16)
-        return Precision(torch.float32, "none", "auto: fp32 (AMX-BF16 present; dtype=bfloat16 opts in)")
     return Precision(torch.float32, "none", "auto" + ("" if quantization == "auto" else ", quantization=none"))

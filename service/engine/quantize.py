@@ -5,10 +5,11 @@ CPU int4 matmul (`_weight_int4pack_mm_for_cpu`). `prepare_block_linears` is what
 int4: the embedded SmolLM2 ships as a Q4_1 GGUF (blocks of 32 weights on a 4-bit grid with a scale and an
 offset each), so its dequantized weights fit the same grid again: quantizing them loses only the bf16
 rounding of the scale and offset and of the activations (support-reply's reply loss 1.08827 fp32 vs 1.08832
-int4 on 40 test rows; benchmarks/results/accuracy-cpu-*.md has the full split). `auto` takes int4 only for
-such linears ("lossless": relative error of the re-quantized weight <= 2^-8, bf16's own) and only on AVX-512
-CPUs, where it was measured (the 210 SmolLM2 block linears at one row: 4.2 ms against 20.5 ms fp32 packed,
-16 rows 21.9 vs 27.1 ms; benchmarks/README.md, "int4"); a base with weights of its own (MiniLM) stays fp32.
+int4 on 40 test rows; benchmarks/results/accuracy-cpu-2026-12-05-precisions.md has 200). `auto` takes int4
+only for such linears ("lossless": relative error of the re-quantized weight <= 2^-8, bf16's own; SmolLM2's
+are ~0.002, MiniLM's ~0.08) and only on AVX-512 CPUs, where it was measured (benchmarks/README.md, "int4":
+the 210 SmolLM2 block linears at one row 4.2 ms against 20.5 ms fp32 packed, at 16 rows 21.9 vs 27.1 ms; a
+served token 19.5 vs 37.3 ms); a base with weights of its own (MiniLM) stays fp32.
 
 Measured on the project's AMD EPYC (AVX2; 2 cores shared with other work, load average 6-12, so only
 same-run comparisons mean anything; one SmolLM2-135M forward of N one-token rows, 1 thread, best of 4):
