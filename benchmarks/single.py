@@ -200,6 +200,7 @@ def _precision(precision: str, new_tokens: int, reps: int, streams: int, tmp: Pa
             _server_stream(url, model, 4)
         ours = {m: [_server_stream(url, m, new_tokens) for _ in range(reps)] for m in (MODEL, ADAPTER)}
         many = asyncio.run(_server_streams(url, [MODEL, ADAPTER] * (streams // 2), new_tokens))
+        rss = _rss_mib(proc.pid)
     finally:
         stop_server(proc)
     rows = [_row(f"hf_generate_{precision}", hf, new_tokens)]
@@ -209,7 +210,16 @@ def _precision(precision: str, new_tokens: int, reps: int, streams: int, tmp: Pa
         runs = ours[model]
         rows.append(_row(f"server_{name}_{precision}", [(t, g) for t, g, _ in runs], min(n for _, _, n in runs)))
     rows.append({"case": f"server_{streams}_streams_{precision}", **many})
+    rows.append({"case": f"server_memory_{precision}", "rss_mib": rss})
     return rows
+
+
+def _rss_mib(pid: int) -> float:
+    """Resident memory of the server process after its runs (both bases, the adapter, the KV cache)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run(device: str, quick: bool) -> tuple[dict, str]:
@@ -254,7 +264,7 @@ def _markdown(r: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     cell = lambda c, key: f"{c[key]:.1f}" if key in c else "-"  # noqa: E731
-    for c in r["cases"]:
+    for c in [c for c in r["cases"] if "rss_mib" not in c]:
         itl = cell(c, "itl_mean_ms") + " (mean)" if "itl_mean_ms" in c else cell(c, "itl_p50_ms")
         lines.append(f"| {c['case']} | {_precision_of(c['case'])} | {itl} | {cell(c, 'itl_p90_ms')} | "
                      f"{cell(c, 'ttft_p50_ms')} | {c['tokens']} | {cell(c, 'tokens_per_s')} |")  # fmt: skip
@@ -263,4 +273,5 @@ def _markdown(r: dict) -> str:
         lines.append("- llama.cpp anchor: not built on this machine (benchmarks/llamacpp.sh)")
     lines.append("- llama.cpp rows: the base on its Q4_1 GGUF (no adapter), llama-bench's mean time per token")
     lines += [f"- server `{p}`: {chosen}" for p, chosen in s["precisions"].items()]
+    lines += [f"- {c['case']}: resident {c['rss_mib']:.0f} MiB" for c in r["cases"] if "rss_mib" in c]
     return "\n".join(lines) + "\n"
