@@ -57,6 +57,24 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def token_clock():
+    """A transformers streamer that stamps each call: `generate` calls it once with the prompt, then once
+    per generated token (per step for a batch). Its `.stamps` are perf_counter times."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def put(self, value) -> None:
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    return Clock()
+
+
 def kernel_flags() -> str:
     """The CPU flags that decide which kernels are fast (and what `auto` picks), for result headers."""
     from service.engine.precision import cpu_flags

@@ -30,6 +30,7 @@ from benchmarks.common import (
     set_threads,
     stream_reader,
     time_interleaved,
+    token_clock,
     weight_bytes,
 )
 
@@ -145,25 +146,13 @@ def _left_padded(prompts: list[list[int]], pad: int, device: str) -> tuple[torch
 def _hf_job(model, tokenizer, prompts, new_tokens: int, device: str, timings: _Timings, adapter_names=None):
     """Batched HF generate over the same prompts, left-padded (what HF needs for batched decoding).
     A streamer stamps every decoding step: its first call is the prompt, then one per generated token."""
-    from transformers.generation.streamers import BaseStreamer
-
     pad = tokenizer.pad_token_id
     ids, mask = _left_padded(prompts, pad, device)
     width = ids.shape[1]
     kw = {"adapter_names": adapter_names} if adapter_names else {}
 
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
-
-        def put(self, value) -> None:
-            self.stamps.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
     def job() -> None:
-        clock, start = Clock(), time.perf_counter()
+        clock, start = token_clock(), time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,

@@ -39,6 +39,7 @@ from benchmarks.common import (
     percentile,
     set_threads,
     stop_server,
+    token_clock,
 )
 from benchmarks.server import _free_port, _wait_ready
 
@@ -80,19 +81,7 @@ def _hf_models(precision: str):
 
 def _hf_stream(model, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
     """(TTFT, inter-token gaps) of one batch-1 `generate`."""
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
-
-        def put(self, value) -> None:
-            self.stamps.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    clock, start = Clock(), time.perf_counter()
+    clock, start = token_clock(), time.perf_counter()
     with torch.inference_mode():
         model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, pad_token_id=0, streamer=clock)  # fmt: skip
