@@ -76,11 +76,17 @@ def token_clock():
 
 
 def kernel_flags() -> str:
-    """The CPU flags that decide which kernels are fast (and what `auto` picks), for result headers."""
-    from service.engine.precision import cpu_flags
-
+    """The CPU flags that decide which kernels are fast, from /proc/cpuinfo, and torch's own capability
+    name (`torch.backends.cpu.get_cpu_capability()`), for result headers."""
+    flags: set[str] = set()
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+        flags.update(line.partition(":")[2].split())
+    except (OSError, StopIteration):
+        pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in cpu_flags()) or "none of AVX2/AVX-512/VNNI/AMX"
+    named = " ".join(f for f in wanted if f in flags) or "none of AVX2/AVX-512/VNNI/AMX"
+    return f"{named} (torch dispatches {torch.backends.cpu.get_cpu_capability()})"
 
 
 def machine_markdown(m: dict, dtype: str) -> str:

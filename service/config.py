@@ -34,8 +34,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     quantization: Literal["auto", "none", "int8", "int4"] = Field(
-        "auto", description="int8/int4: the bases' block linears quantized (CPU); auto: int4 where lossless on"
-        " AVX-512 CPUs (service/engine/precision.py); none: fp32")
+        "auto", description="int8/int4: the bases' block linears quantized (CPU); auto: int4 where lossless and"
+        " measured faster (service/engine/quantize.py); none: fp32")
 
     # Adapter residency (see service/router.py, slot_pool.py, host_cache.py).
     max_gpu_adapters: int = Field(32, ge=1, description="adapter slots per engine on the accelerator")

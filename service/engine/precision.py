@@ -1,5 +1,5 @@
 """Which precision a base is served in: the `dtype` and `quantization` settings, with `auto` chosen by what
-the CPU can do (its flags, never its vendor), per task, and logged at start-up by the caller.
+was measured, never by the CPU's vendor or flags alone, per task, and logged at start-up by the caller.
 
 Measured (benchmarks/README.md, "single", "linears", "int4"): on an AMD EPYC with AVX2 only bf16 matmuls
 ran ~3x slower than fp32, and on one with AVX-512/AVX512-BF16 a served bf16 token was no faster than fp32;
@@ -7,16 +7,16 @@ where AMX-BF16 exists bf16 should be faster (the issue's Intel Xeon numbers), bu
 bf16 is an opt-in everywhere. int8 (quantize.py) is never chosen by `auto`: it costs accuracy far past the
 budget (support-reply's reply loss +80 %, activation outliers in the MLP), and its activations are quantized
 per call over the whole batch, so a row's result depends on its batch mates; `quantization=int8` opts in.
-int4 (quantize.py): on CPUs with AVX-512, where torch's int4 kernel was measured ~5x faster than fp32 at one
-row, `auto` asks for "int4-lossless": int4 for the block linears whose weights already are 4-bit (the
-embedded SmolLM2, shipped as Q4_1), fp32 for the rest, so `auto` costs no accuracy. AVX2-only CPUs keep fp32
-(the kernel is unmeasured there); `quantization=int4` makes every block linear int4 (lossy on other bases).
+int4 (quantize.py): `auto` on a CPU asks for "int4-lossless": int4 for the block linears whose weights
+already are 4-bit (the embedded SmolLM2, shipped as Q4_1), fp32 for the rest, so `auto` costs no accuracy,
+and only if the int4 kernel measures faster than fp32 at engine start on this CPU (the flags do not say: on
+an AVX-512 EPYC it was ~4x faster at one row); `quantization=int4` makes every block linear int4 (lossy on
+other bases).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -36,23 +36,7 @@ class Precision:
         return f"{name}{quantized} ({self.reason})"
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux), plus torch's own capability name
-    (`torch.backends.cpu.get_cpu_capability()`: "AVX2", "AVX512", ...) as a lower-case flag elsewhere."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags.update(line.partition(":")[2].split())
-                break
-    except OSError:
-        pass
-    flags.add(torch.backends.cpu.get_cpu_capability().lower())
-    return frozenset(flags)
-
-
-def choose(device: str, task: str, dtype: str = "auto", quantization: str = "auto",
-           flags: frozenset[str] | None = None) -> Precision:  # fmt: skip
+def choose(device: str, task: str, dtype: str = "auto", quantization: str = "auto") -> Precision:
     """The precision one base is served in. An explicit `dtype` with `quantization=auto` means no int8
     (so `dtype=float32` alone restores plain fp32); int8 computes in fp32 and runs on CPU only. `task` is
     there so a base can be chosen for on its own; both tasks choose alike today."""
@@ -68,7 +52,7 @@ def choose(device: str, task: str, dtype: str = "auto", quantization: str = "aut
         return Precision(DTYPES[dtype], "none", f"dtype={dtype}")
     if device != "cpu":
         return Precision(torch.bfloat16, "none", f"auto on {device}")
-    flags = cpu_flags() if flags is None else flags
-    if quantization == "auto" and ("avx512f" in flags or "avx512" in flags):
-        return Precision(torch.float32, "int4-lossless", "auto: AVX-512, int4 only where the weights already are 4-bit")
-    return Precision(torch.float32, "none", "auto" + ("" if quantization == "auto" else ", quantization=none"))
+    if quantization == "auto":
+        return Precision(torch.float32, "int4-lossless",
+                         "auto: int4 only where the weights already are 4-bit and it measures faster")  # fmt: skip
+    return Precision(torch.float32, "none", "auto, quantization=none")

@@ -4,21 +4,19 @@ CPU int4 matmul (`_weight_int4pack_mm_for_cpu`). `prepare_block_linears` is what
 
 int4: the embedded SmolLM2 ships as a Q4_1 GGUF (blocks of 32 weights on a 4-bit grid with a scale and an
 offset each), so its dequantized weights fit the same grid again: quantizing them loses only the bf16
-rounding of the scale and offset and of the activations (support-reply's reply loss 1.08827 fp32 vs 1.08832
-int4 on 40 test rows; benchmarks/results/accuracy-cpu-2026-12-05-precisions.md has 200). `auto` takes int4
-only for such linears ("lossless": relative error of the re-quantized weight <= 2^-8, bf16's own; SmolLM2's
-are ~0.002, MiniLM's ~0.08) and only on AVX-512 CPUs, where it was measured (benchmarks/README.md, "int4":
-the 210 SmolLM2 block linears at one row 4.2 ms against 20.5 ms fp32 packed, at 16 rows 21.9 vs 27.1 ms; a
-served token 19.5 vs 37.3 ms); a base with weights of its own (MiniLM) stays fp32.
+rounding of the scale and offset and of the activations (support-reply's reply loss x1.0000 on 200 test
+rows, benchmarks/results/accuracy-cpu-2026-12-05-precisions.md). `auto` takes int4 only for such linears
+("lossless": relative error of the re-quantized weight <= 2^-8, bf16's own; SmolLM2's are ~0.002, MiniLM's
+~0.08, so MiniLM stays fp32) and only where int4 measures faster at start-up on the CPU it runs on (on the
+AVX-512 EPYC: SmolLM2's block linears at one row 6.3 ms vs 24.8 ms fp32 packed, results/linears-*; a served
+token 19.5 vs 37.3 ms, results/single-*).
 
-Measured on the project's AMD EPYC (AVX2; 2 cores shared with other work, load average 6-12, so only
-same-run comparisons mean anything; one SmolLM2-135M forward of N one-token rows, 1 thread, best of 4):
-N=1 fp32 540 ms, this kernel 424, torch's weight-only `_weight_int8pack_mm` 800; N=16 fp32 1612, this
-kernel 1641, weight-only 15269; in another run torchao 0.18's weight-only int8 was 1.1-1.9x and its dynamic
-int8 4-6x slower than fp32. Its cost:
-activations are quantized per call with one scale over the whole input (fbgemm: 7 bits), so a row's
-result depends on its batch mates, and SmolLM2's loss on a probe text went 2.387 -> 3.297 (MLP activation
-outliers; weight-only int8 kept 2.378). So `auto` does not choose it (precision.py); it is opt-in.
+int8 (opt-in): measured on an AMD EPYC with AVX2 only (2 cores shared with other work; one SmolLM2-135M
+forward of N one-token rows, 1 thread, best of 4): N=1 fp32 540 ms, this kernel 424, torch's weight-only
+`_weight_int8pack_mm` 800; N=16 fp32 1612, this kernel 1641, weight-only 15269; torchao 0.18's weight-only
+int8 was 1.1-1.9x and its dynamic int8 4-6x slower than fp32. Its cost: activations are quantized per call
+with one scale over the whole input (fbgemm: 7 bits), so a row's result depends on its batch mates, and
+support-reply's reply loss goes x1.86 (MLP activation outliers). So `auto` never chooses it.
 Only the linears inside the transformer blocks are quantized (the LoRA targets' rule); the LoRA slots,
 embeddings, norms and heads keep the engine's dtype, so adapters trained in fp32 serve unchanged.
 torch 2.13 warns that its quantized tensors (torch.quantize_per_channel here) are deprecated: when they go,
@@ -27,13 +25,15 @@ this file is the one place to move to torchao or a weight-only kernel.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from service.engine.lora import base_features
 from service.engine.lora_model import matches_target
-from service.engine.packed_linear import pack_block_linears, plain_cpu_linear
+from service.engine.packed_linear import PackedLinear, pack_block_linears, plain_cpu_linear
 
 
 def can_quantize(module: nn.Module) -> bool:
@@ -125,11 +125,11 @@ class Int4Linear(nn.Module):
 
 def _replace(model: nn.Module, make) -> int:
     """Each linear inside the model's transformer blocks (MultiLoraLinear bases included) for which
-    `make(module)` returns a module is replaced by it, in place; returns how many were. Heads, poolers and a
-    (possibly tied) lm_head stay as they are, like `packed_linear.pack_block_linears`."""
+    `make(path, module)` returns a module is replaced by it, in place; returns how many were. Heads, poolers
+    and a (possibly tied) lm_head stay as they are, like `packed_linear.pack_block_linears`."""
     done = 0
     for path, module in list(model.named_modules()):
-        if matches_target(path, None) and (new := make(module)) is not None:
+        if matches_target(path, None) and (new := make(path, module)) is not None:
             parent_path, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent_path), name, new)
             done += 1
@@ -138,21 +138,45 @@ def _replace(model: nn.Module, make) -> int:
 
 def quantize_block_linears(model: nn.Module) -> int:
     """Every quantizable block linear as an Int8Linear; how many were replaced."""
-    return _replace(model, lambda m: Int8Linear(m) if can_quantize(m) else None)
+    return _replace(model, lambda _, m: Int8Linear(m) if can_quantize(m) else None)
+
+
+def one_row_ms(modules: list[nn.Module], repeats: int = 5) -> float:
+    """Best time of one pass of a row through `modules` (each on its own input), in ms."""
+    xs = [torch.randn(1, getattr(m, "in_features", None) or base_features(m)[0]) for m in modules]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first pass warms caches and primitives
+            start = time.perf_counter()
+            for m, x in zip(modules, xs, strict=True):
+                m(x)
+            best = min(best, time.perf_counter() - start)
+    return 1e3 * best
 
 
 def prepare_block_linears(model: nn.Module, quantization: str) -> str:
-    """The engines' base block linears for `quantization` (precision.py): "int8", "int4" (every linear the
-    kernel takes), "int4-lossless" (only those whose weights already are 4-bit), "none"; whatever is left
-    is oneDNN-packed where that applies. Returns what was done, for the start-up log."""
+    """The engines' base block linears for `quantization` (precision.py): "int8"; "int4" (every linear the
+    kernel takes); "int4-lossless": only those whose weights already are 4-bit, and only if one row through
+    all of them measures at least 10 % faster in int4 than in fp32 as served, here, on this CPU (the whole
+    set: one block's weights fit in a cache, and a decode step's do not); "none". Whatever is not int4 or
+    int8 is oneDNN-packed where that applies. Returns what was done, for the start-up log."""
     if quantization == "int8":
         return f"{quantize_block_linears(model)} block linears int8"
-    int4 = 0
+    chosen: dict[str, nn.Module] = {}
     if quantization in ("int4", "int4-lossless"):
-        def make(m: nn.Module) -> nn.Module | None:
-            new = Int4Linear(m) if can_int4(m) else None
-            return new if new is not None and (quantization == "int4" or new.error <= LOSSLESS) else None
-
-        int4 = _replace(model, make)
-    packed = pack_block_linears(model)
-    return f"{int4} block linears int4, {packed} fp32 packed"
+        for path, m in model.named_modules():
+            if matches_target(path, None) and can_int4(m):
+                new = Int4Linear(m)
+                if quantization == "int4" or new.error <= LOSSLESS:
+                    chosen[path] = new
+    pack_block_linears(model)
+    timing = ""
+    if quantization == "int4-lossless" and chosen:
+        int4_ms = one_row_ms(list(chosen.values()))
+        fp32_ms = one_row_ms([model.get_submodule(p) for p in chosen])  # as fp32 would serve them
+        timing = f" (one row through those {len(chosen)}: int4 {int4_ms:.2f} ms, fp32 {fp32_ms:.2f} ms)"
+        if int4_ms > 0.9 * fp32_ms:
+            chosen = {}
+    int4 = _replace(model, lambda path, _: chosen.get(path))
+    packed = sum(isinstance(m, PackedLinear) for p, m in model.named_modules() if matches_target(p, None))
+    return f"{int4} block linears int4, {packed} fp32 packed{timing}"
