@@ -79,6 +79,6 @@ def _markdown(r: dict) -> str:
              f"- CPU flags that choose kernels: {kernel_flags()}",
              f"- {r['setup']['linears']} linears ({r['setup']['layers']} blocks), best of "
              f"{r['setup']['repetitions']} passes", "",
-             "| kernel | 1 row ms | 16 rows ms |", "|---|---:|---:|"]  # fmt: skip
+             "| case | 1 row ms | 16 rows ms |", "|---|---:|---:|"]  # fmt: skip
     lines += [f"| {n} | {best[n + '_1rows']:.1f} | {best[n + '_16rows']:.1f} |" for n in names]
     return "\n".join(lines) + "\n"
