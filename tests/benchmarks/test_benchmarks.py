@@ -43,7 +43,7 @@ EXPECTED = {
     "accuracy": {"sentiment", "finance-sentiment", "support-intent", "support-reply"},
     "rank": {"decode_16rows_fp32", "decode_16rows_int8", "classify_64x64_32adapters_fp32"},
     "single": {"hf_generate_auto", "peft_adapter_auto", "server_base_auto", "server_adapter_auto",
-               "server_2_streams_auto", "server_memory_auto"},
+               "server_2_streams_auto", "server_memory_auto", "server_long_prompt_auto"},
     "linears": {"fp32_onednn_packed_1rows", "int4_weight_only_bf16_1rows", "int8_dynamic_16rows"},
 }  # fmt: skip
 
