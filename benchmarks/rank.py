@@ -1,12 +1,14 @@
 """rank suite: what the LoRA of a step costs when adapters of mixed ranks sit in slots of the service's
 default max_rank (64), before and after the step's LoRA work follows the batch's largest rank
-(service/engine/lora.py, SlotState.rank), in one run; and the int8 base (quantize.py) next to fp32.
+(service/engine/lora.py, SlotState.rank), in one run; and the quantized bases (quantize.py) next to fp32:
+int8, and `auto`'s int4 where lossless (SmolLM2: every block linear, when int4 measures faster here).
 
 "before" is the same engine with the slots' ranks hidden (`slot_ranks = None`: every step reads all 64
 columns of A and rows of B), so both run on the same weights, interleaved. Cases:
 - SmolLM2-135M decode step, 16 rows over 8 adapters of ranks 4-16 on all seven linears, and 1 row on a
-  rank-16 adapter; no adapter as the reference; fp32 (oneDNN-packed) and int8 engines.
-- MiniLM-L6 classification, 64 texts x 64 tokens over 32 adapters of ranks 4-16 on all six linears.
+  rank-16 adapter; no adapter as the reference; fp32 (oneDNN-packed), int8 and auto engines.
+- MiniLM-L6 classification, 64 texts x 64 tokens over 32 adapters of ranks 4-16 on all six linears; fp32
+  and int8 engines (auto leaves MiniLM fp32: its weights are not 4-bit).
 """
 
 from __future__ import annotations
@@ -72,12 +74,15 @@ def _decode_cases(quantization: str, rows: int, quick: bool) -> dict:
     return {k: 1e3 * median(v) for k, v in times.items()}
 
 
-def _classify_cases(quick: bool) -> dict:
+NAMES = {"none": "fp32", "int8": "int8", "int4-lossless": "auto"}
+
+
+def _classify_cases(quantization: str, quick: bool) -> dict:
     from adapters.bases import DEFAULT_ENCODER, load_base
     from service.engine.classifier import ClassifierEngine
 
     model, tok = load_base(DEFAULT_ENCODER, "classification", num_labels=2)
-    engine = ClassifierEngine(model, tok, None, num_slots=33, max_rank=64)
+    engine = ClassifierEngine(model, tok, None, num_slots=33, max_rank=64, quantization=quantization)
     _random_adapters(engine.slots, 32)
     n = 8 if quick else 64
     ids = torch.randint(1000, 20000, (n, 64))
@@ -103,17 +108,18 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     if os.environ.get("LORASWAP_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["LORASWAP_BENCH_THREADS"]))
     cases = []
-    for quantization in ("none", "int8"):
+    for quantization in NAMES:
         for rows in (16,) if quick else (16, 1):  # --quick: 2 rows, one engine per precision
             ms = _decode_cases(quantization, 2 if quick and rows > 1 else rows, quick)
-            cases.append({"case": f"decode_{rows}rows_{'fp32' if quantization == 'none' else 'int8'}", **ms})
-    cases.append({"case": "classify_64x64_32adapters_fp32", **_classify_cases(quick)})
+            cases.append({"case": f"decode_{rows}rows_{NAMES[quantization]}", **ms})
+    for quantization in ("none", "int8"):
+        cases.append({"case": f"classify_64x64_32adapters_{NAMES[quantization]}", **_classify_cases(quantization, quick)})
     for c in cases:
         c["before_over_base"] = c["mixed_before"] / c["base"]
         c["after_over_base"] = c["mixed_after"] / c["base"]
     result = {"suite": "rank", "quick": quick, "machine": machine_info(device), "setup": {"dtype": "float32", "max_rank": 64, "ranks": RANKS}, "cases": cases}
     md = ["# rank — LoRA work that follows the batch's ranks (max_rank 64, adapters of ranks 4-16)", "",
-          machine_markdown(result["machine"], "fp32 / int8 block linears"), "",
+          machine_markdown(result["machine"], "fp32 / int8 / auto block linears"), "",
           "| case | no adapter ms | mixed, before ms | mixed, after ms | base/mixed before | base/mixed after |",
           "|---|---|---|---|---|---|"]
     for c in cases:
