@@ -49,6 +49,39 @@ def _accuracy(name: str, precision: str, limit: int | None) -> float:
     return right / len(rows)
 
 
+def _search_accuracy(precision: str, queries: int, index: int) -> float:
+    """support-search's accuracy@1 through the engine's embedding path: the first `queries` BANKING77 test
+    texts against the first `index` train texts (cosine of the pooled vectors, a hit when the nearest
+    index text has the query's intent; with the whole train split, what its eval report calls test
+    accuracy@1 over the first `queries` queries)."""
+    from adapters.bases import DEFAULT_ENCODER, load_base, local_base
+    from adapters.format import read_adapter
+    from adapters.pooling import read_pooling
+    from adapters.registry import Registry
+    from service.engine.classifier import ClassifierEngine
+    from training.embedding import retrieval_scores
+
+    dtype, quantization = PRECISIONS[precision]
+    model, tokenizer = load_base(DEFAULT_ENCODER, "classification", dtype=dtype)
+    engine = ClassifierEngine(model, tokenizer, None, num_slots=2, max_rank=64, dtype=dtype, quantization=quantization,
+                              pooling=read_pooling(local_base(DEFAULT_ENCODER)))  # fmt: skip
+    reg = Registry(ROOT / "registry")
+    engine.load_slot(1, read_adapter(reg.fetch(*reg.resolve("support-search")), engine.base_info))
+
+    def vectors(rows: list[dict]) -> torch.Tensor:
+        ids = engine.tokenize([r["text"] for r in rows], engine.embedding_length)
+        out = [v for i in range(0, len(ids), 64)
+               for v in engine.run(ids[i : i + 64], [1] * len(ids[i : i + 64]), [True] * len(ids[i : i + 64]))]  # fmt: skip
+        return torch.nn.functional.normalize(torch.stack(out).float(), dim=-1)
+
+    folder = DATA / "banking77"
+    test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()][:queries]
+    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()][:index]
+    with torch.inference_mode():
+        scores = retrieval_scores(vectors(test), [r["label"] for r in test], vectors(train), [r["label"] for r in train])
+    return scores["accuracy_at_1"]
+
+
 def _reply_loss(precision: str, limit: int | None) -> float:
     """Mean cross-entropy per reply token of support-reply on its test split, through the engine's runner
     (every position's logits: the runner's own layers and head, one row at a time, in a KV row of its own)."""
@@ -101,6 +134,10 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     for name in ADAPTERS:
         acc = {p: _accuracy(name, p, limit) for p in ["fp32", *others]}
         cases.append({"case": name, **acc, **{f"{p}_minus_fp32_points": 100 * (acc[p] - acc["fp32"]) for p in others}})
+    queries, index = (16, 64) if quick else (limit or 10**9, 10**9)  # the whole train split as the index
+    search = {p: _search_accuracy(p, queries, index) for p in ["fp32", *others]}
+    cases.append({"case": "support-search", **search,
+                  **{f"{p}_minus_fp32_points": 100 * (search[p] - search["fp32"]) for p in others}})  # fmt: skip
     reply_rows = 8 if quick else int(os.environ.get("LORASWAP_BENCH_REPLY_ROWS", 200))
     loss = {p: _reply_loss(p, reply_rows) for p in ["fp32", *others]}
     replies = {"case": "support-reply", "rows": reply_rows, **loss,

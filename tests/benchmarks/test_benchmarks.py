@@ -40,7 +40,7 @@ EXPECTED = {
     "families-cls": {"hf_batch1", "ours_batch1_no_adapter", "ours_batch1_adapter"},
     "kernels": {"bert_prefill.qkv.base", "bert_prefill.qkv.bmm.r64", "bert_prefill.qkv.bmm.r4",
                 "bert_prefill.ffn_in.grouped_mm.r4", "gpt2_decode.c_attn.base", "gpt2_decode.c_attn.bmm.r4"},
-    "accuracy": {"sentiment", "finance-sentiment", "support-intent", "support-reply"},
+    "accuracy": {"sentiment", "finance-sentiment", "support-intent", "support-search", "support-reply"},
     "rank": {"decode_16rows_fp32", "decode_16rows_int8", "decode_16rows_auto", "classify_64x64_32adapters_fp32",
              "classify_64x64_32adapters_int8"},
     "single": {"hf_generate_auto", "peft_adapter_auto", "server_base_auto", "server_adapter_auto",
