@@ -1,6 +1,7 @@
-"""accuracy suite: every shipped classification adapter in registry/ served by the ClassifierEngine under
-each base precision (fp32, int8 block linears, bf16, int4 block linears), accuracy on its test split, with the budget check
-(within 0.5 point of fp32). The rows are what the server answers, batch of 64 texts, all on one adapter.
+"""accuracy suite: every shipped adapter in registry/ served by its engine under each base precision (fp32,
+int8 block linears, bf16, int4 block linears) on its test split, with the budget check. Classifiers:
+accuracy, within 0.5 point of fp32; the rows are what the server answers, batches of 64 texts on one
+adapter. support-search: accuracy@1 through the embedding path, same budget.
 Generation: support-reply's mean loss on the reply tokens of its test split (the recipe's chat format and
 256-token limit), teacher-forced through the GeneratorEngine's own model and runner under each precision,
 with the budget check (within 2 % of fp32).
@@ -14,32 +15,34 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, machine_markdown, set_threads
+from benchmarks.common import machine_info, machine_markdown, set_threads, shipped_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 ADAPTERS = {"sentiment": "sst2", "finance-sentiment": "financial_phrasebank", "support-intent": "banking77"}
-# int4: every block linear the kernel takes (`quantization=int4`); `auto` on AVX-512 takes int4 only where
-# lossless (quantize.py): the decoder's column is then "int4", the encoders' "fp32".
+# int4: every block linear the kernel takes (`quantization=int4`); `auto` takes int4 only where lossless and
+# faster (quantize.py): the decoder's column is then "int4", the encoders' "fp32".
 PRECISIONS = {"fp32": (torch.float32, "none"), "int8": (torch.float32, "int8"), "bf16": (torch.bfloat16, "none"),
               "int4": (torch.float32, "int4")}  # fmt: skip
+
+
+def _rows(path: Path, limit: int | None = None) -> list[dict]:
+    """The first `limit` rows of a JSONL split (None: all)."""
+    return [json.loads(line) for line in path.read_text().splitlines()][:limit]
 
 
 def _accuracy(name: str, precision: str, limit: int | None) -> float:
     from adapters.bases import DEFAULT_ENCODER, load_base
     from adapters.format import read_adapter
-    from adapters.registry import Registry
     from service.engine.classifier import ClassifierEngine
 
     dtype, quantization = PRECISIONS[precision]
     model, tokenizer = load_base(DEFAULT_ENCODER, "classification", dtype=dtype)
     engine = ClassifierEngine(model, tokenizer, None, num_slots=2, max_rank=64, dtype=dtype,
                               quantization=quantization)  # fmt: skip
-    reg = Registry(ROOT / "registry")
-    weights = read_adapter(reg.fetch(*reg.resolve(name)), engine.base_info)
+    weights = read_adapter(shipped_adapter(name), engine.base_info)
     engine.load_slot(1, weights)
-    rows = [json.loads(line) for line in (DATA / ADAPTERS[name] / "test.jsonl").read_text().splitlines()]
-    rows = rows[:limit] if limit else rows
+    rows = _rows(DATA / ADAPTERS[name] / "test.jsonl", limit)
     labels, right = weights.manifest.labels, 0
     with torch.inference_mode():
         for i in range(0, len(rows), 64):
@@ -49,15 +52,14 @@ def _accuracy(name: str, precision: str, limit: int | None) -> float:
     return right / len(rows)
 
 
-def _search_accuracy(precision: str, queries: int, index: int) -> float:
+def _search_accuracy(precision: str, queries: int | None, index: int | None) -> float:
     """support-search's accuracy@1 through the engine's embedding path: the first `queries` BANKING77 test
-    texts against the first `index` train texts (cosine of the pooled vectors, a hit when the nearest
-    index text has the query's intent; with the whole train split, what its eval report calls test
-    accuracy@1 over the first `queries` queries)."""
+    texts against the first `index` train texts (None: all; cosine of the pooled vectors, a hit when the
+    nearest index text has the query's intent; with the whole train split, what its eval report calls
+    test accuracy@1 over those queries)."""
     from adapters.bases import DEFAULT_ENCODER, load_base, local_base
     from adapters.format import read_adapter
     from adapters.pooling import read_pooling
-    from adapters.registry import Registry
     from service.engine.classifier import ClassifierEngine
     from training.embedding import retrieval_scores
 
@@ -65,8 +67,7 @@ def _search_accuracy(precision: str, queries: int, index: int) -> float:
     model, tokenizer = load_base(DEFAULT_ENCODER, "classification", dtype=dtype)
     engine = ClassifierEngine(model, tokenizer, None, num_slots=2, max_rank=64, dtype=dtype, quantization=quantization,
                               pooling=read_pooling(local_base(DEFAULT_ENCODER)))  # fmt: skip
-    reg = Registry(ROOT / "registry")
-    engine.load_slot(1, read_adapter(reg.fetch(*reg.resolve("support-search")), engine.base_info))
+    engine.load_slot(1, read_adapter(shipped_adapter("support-search"), engine.base_info))
 
     def vectors(rows: list[dict]) -> torch.Tensor:
         ids = engine.tokenize([r["text"] for r in rows], engine.embedding_length)
@@ -74,9 +75,7 @@ def _search_accuracy(precision: str, queries: int, index: int) -> float:
                for v in engine.run(ids[i : i + 64], [1] * len(ids[i : i + 64]), [True] * len(ids[i : i + 64]))]  # fmt: skip
         return torch.nn.functional.normalize(torch.stack(out).float(), dim=-1)
 
-    folder = DATA / "banking77"
-    test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()][:queries]
-    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()][:index]
+    test, train = _rows(DATA / "banking77" / "test.jsonl", queries), _rows(DATA / "banking77" / "train.jsonl", index)
     with torch.inference_mode():
         scores = retrieval_scores(vectors(test), [r["label"] for r in test], vectors(train), [r["label"] for r in train])
     return scores["accuracy_at_1"]
@@ -88,7 +87,6 @@ def _reply_loss(precision: str, limit: int | None) -> float:
     from adapters.bases import DEFAULT_DECODER, load_base
     from adapters.fingerprint import describe_base
     from adapters.format import read_adapter
-    from adapters.registry import Registry
     from service.engine.generator import GeneratorEngine
     from service.engine.sampling import SamplingParams
     from service.engine.sequence import Sequence
@@ -99,12 +97,10 @@ def _reply_loss(precision: str, limit: int | None) -> float:
     info = describe_base(model, DEFAULT_DECODER, "generation")
     engine = GeneratorEngine(model, tok, info, num_slots=2, max_rank=64, max_num_seqs=1, max_model_len=512,
                              dtype=dtype, quantization=quantization)  # fmt: skip
-    reg = Registry(ROOT / "registry")
-    engine.load_slot(1, read_adapter(reg.fetch(*reg.resolve("support-reply")), info))
-    rows = [json.loads(line) for line in (DATA / "bitext_customer_support" / "test.jsonl").read_text().splitlines()]
+    engine.load_slot(1, read_adapter(shipped_adapter("support-reply"), info))
     total, count, runner = 0.0, 0, engine.runner
     with torch.inference_mode():
-        for row in rows[:limit] if limit else rows:
+        for row in _rows(DATA / "bitext_customer_support" / "test.jsonl", limit):
             prompt = chat_prompt(tok, row["instruction"], None)
             reply = tok(row["response"].strip() + tok.eos_token, add_special_tokens=False)["input_ids"]
             ids = (prompt + reply)[:256]
@@ -134,7 +130,7 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
     for name in ADAPTERS:
         acc = {p: _accuracy(name, p, limit) for p in ["fp32", *others]}
         cases.append({"case": name, **acc, **{f"{p}_minus_fp32_points": 100 * (acc[p] - acc["fp32"]) for p in others}})
-    queries, index = (16, 64) if quick else (limit or 10**9, 10**9)  # the whole train split as the index
+    queries, index = (16, 64) if quick else (limit, None)  # the whole train split as the index
     search = {p: _search_accuracy(p, queries, index) for p in ["fp32", *others]}
     cases.append({"case": "support-search", **search,
                   **{f"{p}_minus_fp32_points": 100 * (search[p] - search["fp32"]) for p in others}})  # fmt: skip

@@ -9,8 +9,10 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -232,6 +234,47 @@ def encoder_base(work: Path | None = None) -> tuple[str, str]:
         torch.manual_seed(0)
         AutoModel.from_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
     return str(out), f"{src.name} shape, random init (seeded; {ENCODER_ENV}={src})"
+
+
+def start_server(registry: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`loraswap serve` on a free local port with `registry`, the environment plus `env` (quiet logs and a
+    1 s drain unless `env` says otherwise), its output in `log`. Returns (process, base URL); see
+    `wait_ready` and `stop_server`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LORASWAP_LOG_LEVEL": "warning", "LORASWAP_GRACE_PERIOD_S": "1", **env}
+    cmd = [str(Path(sys.executable).with_name("loraswap")), "serve", "--port", str(port), "--registry", str(registry)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 600  # not timed: generous for a busy machine
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"`loraswap serve` did not become ready (exit code {proc.poll()}); {log_tail(log)}")
+
+
+def log_tail(log: Path) -> str:
+    return "the server log ends:\n" + log.read_text(errors="replace")[-3000:]
+
+
+def shipped_adapter(name: str) -> Path:
+    """The local folder of the version `registry/` serves for `name` (its `stable` alias or latest)."""
+    from adapters.registry import Registry
+
+    registry = Registry(Path(__file__).resolve().parents[1] / "registry")
+    return registry.fetch(*registry.resolve(name))
 
 
 def stop_server(proc) -> None:

@@ -13,8 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine_info, machine_markdown, percentile, set_threads, stop_server
-from benchmarks.server import _free_port, _tail, _wait_ready
+from benchmarks.common import (
+    log_tail,
+    machine_info,
+    machine_markdown,
+    percentile,
+    set_threads,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from service.config import Settings
 
 BASE = "all-MiniLM-L6-v2"
@@ -22,17 +30,8 @@ TEXT = "the film was a pleasant surprise, with a clever script and warm performa
 
 
 def _start(tmp: Path, max_in_flight: int, log: Path) -> tuple[subprocess.Popen, str]:
-    import os
-    import sys
-
-    port = _free_port()
-    env = {**os.environ, "LORASWAP_DECODER_BASE": "", "LORASWAP_WATCH_INTERVAL_S": "0",
-           "LORASWAP_LOG_LEVEL": "warning", "LORASWAP_MAX_IN_FLIGHT": str(max_in_flight),
-           "LORASWAP_GRACE_PERIOD_S": "1"}  # fmt: skip
-    cmd = [str(Path(sys.executable).with_name("loraswap")), "serve", "--port", str(port), "--registry", str(tmp)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
+    return start_server(tmp, {"LORASWAP_DECODER_BASE": "", "LORASWAP_WATCH_INTERVAL_S": "0",
+                              "LORASWAP_MAX_IN_FLIGHT": str(max_in_flight)}, log)  # fmt: skip
 
 
 async def _closed_loop(url: str, clients: int, seconds: float) -> float:
@@ -99,12 +98,12 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
             log = Path(tmp) / f"serve-{limit}.log"
             proc, url = _start(Path(tmp), limit, log)
             try:
-                _wait_ready(proc, url, log)
+                wait_ready(proc, url, log)
                 asyncio.run(_closed_loop(url, 4, 1.0))  # warm-up, not recorded
                 capacity = asyncio.run(_closed_loop(url, 16, seconds))
                 row = asyncio.run(_open_loop(url, factor * capacity, seconds))
             except Exception as exc:
-                raise RuntimeError(f"overload run failed: {exc}; {_tail(log)}") from exc
+                raise RuntimeError(f"overload run failed: {exc}; {log_tail(log)}") from exc
             finally:
                 stop_server(proc)
             cases.append({"case": case, "max_in_flight": limit,

@@ -10,18 +10,25 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, machine_markdown, median, percentile, set_threads, stop_server
+from benchmarks.common import (
+    log_tail,
+    machine_info,
+    machine_markdown,
+    median,
+    percentile,
+    set_threads,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "validation.jsonl"
@@ -91,12 +98,6 @@ def _engine_throughput(registry: Path, texts: list[str], n_adapters: int, second
             "seq_per_s": done / (time.perf_counter() - start)}  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _load(url: str, texts: list[str], n_adapters: int, concurrency: int, seconds: float,
                 case: str | None = None) -> dict:  # fmt: skip
     """`concurrency` clients, each sending one request after the other until `seconds` have passed
@@ -137,46 +138,12 @@ async def _load(url: str, texts: list[str], n_adapters: int, concurrency: int, s
             "p99_ms": percentile(latencies, 99) * 1e3}  # fmt: skip
 
 
-def _start(
-    registry: Path, n_adapters: int, device: str, quick: bool, log: Path
-) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "LORASWAP_DECODER_BASE": "", "LORASWAP_WATCH_INTERVAL_S": "0",
-           "LORASWAP_MAX_GPU_ADAPTERS": str(n_adapters), "LORASWAP_LOG_LEVEL": "warning",
-           "LORASWAP_DEVICE": device, "LORASWAP_DTYPE": "float32",
-           "LORASWAP_GRACE_PERIOD_S": "1"}  # fmt: skip
+def _start(registry: Path, n_adapters: int, device: str, quick: bool, log: Path) -> tuple[subprocess.Popen, str]:
+    env = {"LORASWAP_DECODER_BASE": "", "LORASWAP_WATCH_INTERVAL_S": "0", "LORASWAP_MAX_GPU_ADAPTERS": str(n_adapters),
+           "LORASWAP_DEVICE": device, "LORASWAP_DTYPE": "float32"}  # fmt: skip
     if quick and device == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # as set_threads does for the in-process cases
-    cmd = [
-        str(Path(sys.executable).with_name("loraswap")),
-        "serve",
-        "--port",
-        str(port),
-        "--registry",
-        str(registry),
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 600  # not timed: generous for a busy machine
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"`loraswap serve` did not become ready (exit code {proc.poll()}); {_tail(log)}")
-
-
-def _tail(log: Path) -> str:
-    return "the server log ends:\n" + log.read_text(errors="replace")[-3000:]
+    return start_server(registry, env, log)
 
 
 def run(device: str, quick: bool) -> tuple[dict, str]:
@@ -197,12 +164,12 @@ def run(device: str, quick: bool) -> tuple[dict, str]:
         proc, url = _start(registry, n_adapters, device, quick, log)
         try:
             _publish_adapters(registry, n_adapters)
-            _wait_ready(proc, url, log)
+            wait_ready(proc, url, log)
             engine = _engine_throughput(registry, texts, n_adapters, seconds, device, batch)
             # One request per adapter first, so the levels measure serving, not loading.
             warm = asyncio.run(_load(url, texts, n_adapters, n_adapters, 0))
             if warm["errors"]:
-                raise RuntimeError(f"{warm['errors']} of {n_adapters} warm-up requests failed; {_tail(log)}")
+                raise RuntimeError(f"{warm['errors']} of {n_adapters} warm-up requests failed; {log_tail(log)}")
             cases = [asyncio.run(_load(url, texts, n_adapters, c, seconds)) for c in levels]
             one = asyncio.run(_load(url, texts, 1, levels[-1], seconds, f"http_one_adapter_{levels[-1]}"))
         finally:

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +38,12 @@ from benchmarks.common import (
     median,
     percentile,
     set_threads,
+    shipped_adapter,
+    start_server,
     stop_server,
     token_clock,
+    wait_ready,
 )
-from benchmarks.server import _free_port, _wait_ready
 
 MODEL = "SmolLM2-135M-Instruct"
 ADAPTER = "support-reply"
@@ -64,14 +65,11 @@ def _hf_models(precision: str):
     from peft import PeftModel
 
     from adapters.bases import load_base
-    from adapters.registry import Registry
 
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     base, tok = load_base(MODEL, "generation", dtype=dtype)
     with_adapter, _ = load_base(MODEL, "generation", dtype=dtype)
-    registry = Registry(REGISTRY)
-    folder = registry.fetch(*registry.resolve(ADAPTER))
-    peft = PeftModel.from_pretrained(with_adapter, str(folder)).eval()
+    peft = PeftModel.from_pretrained(with_adapter, str(shipped_adapter(ADAPTER))).eval()
     if precision == "int8":  # the issue's anchor: torch's own dynamic int8 on every nn.Linear
         base = torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8)
     for m in (base, peft):
@@ -91,14 +89,19 @@ def _hf_stream(model, prompt: list[int], new_tokens: int) -> tuple[float, list[f
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
+def _chat(model: str, new_tokens: int, question: str = QUESTION) -> dict:
+    """A streamed greedy chat completion request that reports its usage at the end."""
+    return {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": new_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+
 def _server_stream(url: str, model: str, new_tokens: int, question: str = QUESTION) -> tuple[float, list[float], int]:
     """(TTFT, gaps between streamed chunks, tokens) of one streamed chat completion."""
     import httpx
 
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": new_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     stamps, tokens, start = [], 0, time.perf_counter()
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as resp:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=_chat(model, new_tokens, question),
+                      timeout=600) as resp:  # fmt: skip
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -116,10 +119,8 @@ async def _server_streams(url: str, models: list[str], new_tokens: int) -> dict:
     import httpx
 
     async def one(http: httpx.AsyncClient, model: str) -> int:
-        body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": new_tokens,
-                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         tokens = 0
-        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=_chat(model, new_tokens)) as resp:
             resp.raise_for_status()
             async for line in resp.aiter_lines():
                 if line.startswith("data: {") and (usage := json.loads(line[6:]).get("usage")):
@@ -159,16 +160,6 @@ def _llamacpp(new_tokens: int, reps: int, streams: int) -> list[dict]:
              "decode_tokens_per_s": many["speed_tg"]}]  # fmt: skip
 
 
-def _start(env_extra: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    """`make serve`, on a free port: the defaults, the shipped registry, the environment's precision."""
-    port = _free_port()
-    env = {**os.environ, "LORASWAP_LOG_LEVEL": "warning", "LORASWAP_GRACE_PERIOD_S": "1", **env_extra}
-    cmd = [str(Path(sys.executable).with_name("loraswap")), "serve", "--port", str(port), "--registry", str(REGISTRY)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
 def _row(case: str, runs: list[tuple[float, list[float]]], tokens: int) -> dict:
     gaps = [g for _, g in runs for g in g]
     return {"case": case, "requests": len(runs), "tokens": tokens,
@@ -184,9 +175,9 @@ def _precision(precision: str, new_tokens: int, reps: int, streams: int, tmp: Pa
     pf = [_hf_stream(peft, prompt, new_tokens) for _ in range(reps)] if hf_precision != "int8" else []
     del base, peft
     log = tmp / f"serve-{precision}.log"
-    proc, url = _start(env, log)
+    proc, url = start_server(REGISTRY, env, log)  # `make serve`: the defaults, the shipped registry
     try:
-        _wait_ready(proc, url, log)
+        wait_ready(proc, url, log)
         for model in (MODEL, ADAPTER):  # warm-up: the adapter's first load, the first steps
             _server_stream(url, model, 4)
         ours = {m: [_server_stream(url, m, new_tokens) for _ in range(reps)] for m in (MODEL, ADAPTER)}

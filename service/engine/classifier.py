@@ -113,8 +113,8 @@ class ClassifierEngine:
                 and not (path + ".").startswith(in_head)
                 and (targets is None or matches_target(path, targets))]  # fmt: skip
         self.slots: LoraSlots = inject_multi_lora(model, wrap, num_slots, max_rank)
-        # Base block linears: int8 (quantize.py) or oneDNN-packed fp32 (CPU fp32 only); after injection, so
-        # LoRA wraps keep their paths and their stacks stay in the engine's dtype.
+        # Base block linears: int8, int4 or oneDNN-packed fp32 (quantize.prepare_block_linears); after
+        # injection, so LoRA wraps keep their paths and their stacks stay in the engine's dtype.
         self.linears = prepare_block_linears(model, quantization)
         # DeBERTa projects its relative position embeddings with the layer's own (LoRA-wrapped) q/k linears
         # once per batch, one row repeated for every row: exact only when all rows share a slot. So such a

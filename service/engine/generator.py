@@ -165,8 +165,8 @@ class GeneratorEngine:
         self._tenant_tokens: dict[str | None, int] = {}  # event-loop side only: no lock needed
         # Targets None = every linear inside the transformer blocks (q/k/v/o and MLP), never lm_head.
         self.slots = inject_multi_lora(model, targets, num_slots, max_rank, dtype)
-        # Base block linears: int8 (quantize.py) or oneDNN-packed fp32 (CPU fp32 only); after injection, so
-        # LoRA wraps keep their paths and their stacks stay in the engine's dtype.
+        # Base block linears: int8, int4 or oneDNN-packed fp32 (quantize.prepare_block_linears); after
+        # injection, so LoRA wraps keep their paths and their stacks stay in the engine's dtype.
         self.linears = prepare_block_linears(model, quantization)
         self.kv_cache = KVCache(
             len(dec.blocks),

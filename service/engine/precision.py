@@ -2,9 +2,9 @@
 was measured, never by the CPU's vendor or flags alone, per task, and logged at start-up by the caller.
 
 Measured (benchmarks/README.md, "single", "linears", "int4"): on an AMD EPYC with AVX2 only bf16 matmuls
-ran ~3x slower than fp32, and on one with AVX-512/AVX512-BF16 a served bf16 token was no faster than fp32;
-where AMX-BF16 exists bf16 should be faster (the issue's Intel Xeon numbers), but it is unmeasured there, so
-bf16 is an opt-in everywhere. int8 (quantize.py) is never chosen by `auto`: it costs accuracy far past the
+ran ~3x slower than fp32, and on one with AVX-512/AVX512-BF16 a served bf16 token was faster than fp32 in
+one run of three (results/single-cpu-2026-12-05*); where AMX-BF16 exists bf16 should be faster (the issue's
+Intel Xeon numbers), but it is unmeasured there, so bf16 is an opt-in everywhere. int8 (quantize.py) is never chosen by `auto`: it costs accuracy far past the
 budget (support-reply's reply loss +80 %, activation outliers in the MLP), and its activations are quantized
 per call over the whole batch, so a row's result depends on its batch mates; `quantization=int8` opts in.
 int4 (quantize.py): `auto` on a CPU asks for "int4-lossless": int4 for the block linears whose weights

@@ -169,14 +169,16 @@ def prepare_block_linears(model: nn.Module, quantization: str) -> str:
                 new = Int4Linear(m)
                 if quantization == "int4" or new.error <= LOSSLESS:
                     chosen[path] = new
+    if quantization == "int4":  # asked for: no fp32 copy is packed only to be replaced
+        _replace(model, lambda path, _: chosen.get(path))
     pack_block_linears(model)
     timing = ""
     if quantization == "int4-lossless" and chosen:
         int4_ms = one_row_ms(list(chosen.values()))
         fp32_ms = one_row_ms([model.get_submodule(p) for p in chosen])  # as fp32 would serve them
         timing = f" (one row through those {len(chosen)}: int4 {int4_ms:.2f} ms, fp32 {fp32_ms:.2f} ms)"
-        if int4_ms > 0.9 * fp32_ms:
-            chosen = {}
-    int4 = _replace(model, lambda path, _: chosen.get(path))
-    packed = sum(isinstance(m, PackedLinear) for p, m in model.named_modules() if matches_target(p, None))
+        if int4_ms <= 0.9 * fp32_ms:
+            _replace(model, lambda path, _: chosen.get(path))
+    blocks = [m for p, m in model.named_modules() if matches_target(p, None)]
+    int4, packed = (sum(isinstance(m, kind) for m in blocks) for kind in (Int4Linear, PackedLinear))
     return f"{int4} block linears int4, {packed} fp32 packed{timing}"
