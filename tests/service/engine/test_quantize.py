@@ -138,21 +138,23 @@ def _on_4bit_grid(out_features: int, in_features: int, seed: int = 0) -> torch.T
     return (q * d + m).reshape(out_features, in_features)
 
 
-def test_int4_linear_on_4bit_weights_is_the_linear_up_to_bf16() -> None:
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])  # Llama-style nn.Linear, GPT-2's Conv1D ([in, out])
+def test_int4_linear_on_4bit_weights_is_the_linear_up_to_bf16(kind: str) -> None:
     torch.manual_seed(0)
-    base = nn.Linear(128, 48)
+    base = nn.Linear(128, 48) if kind == "linear" else Conv1D(48, 128)
+    grid = _on_4bit_grid(48, 128)
     with torch.no_grad():
-        base.weight.copy_(_on_4bit_grid(48, 128))
+        base.weight.copy_(grid if kind == "linear" else grid.t())
     q = Int4Linear(base)
     assert q.error <= LOSSLESS  # back on its grid: only the bf16 scale/offset rounding is lost
     x = torch.randn(5, 3, 128)
     with torch.no_grad():
-        want = nn.functional.linear(x, base.weight, base.bias)
+        want = nn.functional.linear(x, grid, base.bias)
         got = q(x)
     assert got.shape == want.shape and got.dtype == torch.float32
     # x and the group scale/offset are rounded to bf16 (relative 2^-8 each); sums of 128 products of
     # independent errors grow like sqrt(128): bound at 2^-8 * sqrt(128) * max|x| * max|w| * 4.
-    bound = 2.0**-8 * 128**0.5 * float(x.abs().max() * base.weight.abs().max()) * 4
+    bound = 2.0**-8 * 128**0.5 * float(x.abs().max() * grid.abs().max()) * 4
     assert (got - want).abs().max() < bound
     assert q.nbytes < base.weight.numel() * 4 / 5  # ~1/8 of fp32 plus the group scales
 
